@@ -1,0 +1,33 @@
+"""llada-cpt: block-diffusion continual pre-training and post-training on Megatron-Core."""
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "hf": ["transformers>=4.45", "safetensors>=0.4"],
+    "rl": ["math-verify>=0.7"],
+    "gpu": ["nvidia-cudnn-frontend>=1.5"],
+}
+EXTRAS["all"] = sorted({d for v in EXTRAS.values() for d in v})
+
+setup(
+    name="llada-cpt",
+    version="0.1.0",
+    description="Turn autoregressive checkpoints into block-diffusion LMs with Megatron-Core",
+    packages=find_packages(include=["llada_cpt*", "megatron_patches*"]),
+    package_data={"llada_cpt": ["data/bundled/*", "configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "psutil",  # megatron-core needs it but does not declare it
+        "numpy",
+        "pyyaml>=6",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "tensorboard>=2.14",
+        "tqdm>=4.60",
+        "einops",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["llada-cpt=llada_cpt.cli:main"]},
+)
