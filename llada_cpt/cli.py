@@ -1,0 +1,58 @@
+"""The single ``llada-cpt`` console script.
+
+Each subcommand lives in its own module exposing ``main(argv) -> int``; modules
+are imported lazily so that ``llada-cpt preprocess`` does not pay for importing
+Megatron.  User errors (:class:`llada_cpt.errors.UserError`) print one line
+naming the problem and the fix and exit with status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+COMMANDS = {
+    "train": ("llada_cpt.stages.cpt", "block-diffusion continual pre-training (CPT)"),
+    "sft": ("llada_cpt.stages.sft", "supervised fine-tuning (mask band, complementary masks, CAP)"),
+    "dpo": ("llada_cpt.stages.dpo", "DPO on the diffusion ELBO"),
+    "rl": ("llada_cpt.stages.rl", "trajectory-aware RL (TraceRL / GRPO)"),
+    "preprocess": ("llada_cpt.data.preprocess", "JSONL / text -> Megatron indexed dataset"),
+    "merge": ("llada_cpt.merge", "top-k checkpoint averaging"),
+    "convert": ("llada_cpt.convert.cli", "Hugging Face <-> Megatron checkpoint conversion"),
+    "generate": ("llada_cpt.inference.cli", "block-diffusion sampling"),
+    "eval": ("llada_cpt.inference.evaluate", "validation perplexity and answer accuracy"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: llada-cpt <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `llada-cpt <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        print(f"llada-cpt: unknown command `{name}`.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as err:
+        print(f"llada-cpt {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

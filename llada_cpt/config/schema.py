@@ -1,0 +1,139 @@
+"""Typed configuration tree.  Field names follow Megatron-LM arguments where one exists."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the Megatron-Core ``GPTModel`` (dense or MoE)."""
+
+    preset: Optional[str] = None  # named size from llada_cpt.model.presets; explicit fields override it
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden (dense); SwiGLU presets set it
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = MHA
+    kv_channels: Optional[int] = None  # head dim; None = hidden / heads
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-6
+    activation: str = "swiglu"  # swiglu | gelu
+    qk_layernorm: bool = False  # Qwen3
+    add_qkv_bias: bool = False  # Qwen2
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    attention_backend: str = "reference"  # reference | flex | cudnn | te | auto
+    # MoE (Megatron-Core MoE layer); num_experts None = dense
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_grouped_gemm: bool = False
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_aux_loss_coeff: float = 1e-3
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing
+    moe_first_dense_layers: int = 0  # Ling-style: the first k layers stay dense
+    moe_token_dispatcher_type: str = "alltoall"
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel sizes; data parallel is whatever the world size leaves."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    """Block-diffusion training: noise, WSD block-size schedule, masked-embedding noise."""
+
+    mask_id: Optional[int] = None  # None: the tokenizer's [MASK]
+    mask_ratio_min: float = 1e-3
+    mask_ratio_max: float = 1.0
+    per_block_timesteps: bool = False
+    # WSD phases: [[block_size, amount], ...]; the last phase lasts until the end
+    block_schedule: List[List[int]] = field(default_factory=lambda: [[32, 1]])
+    block_schedule_unit: str = "steps"  # steps | tokens
+    reference_block_size: Optional[int] = None  # extra validation at a fixed block size
+    embedding_noise_std: float = 0.0
+    embedding_noise_steps: int = 0
+    embedding_noise_decay: str = "linear"  # linear | cosine
+
+
+@dataclass
+class DataConfig:
+    """Packed training data (Megatron indexed datasets) or the embedded demo corpus."""
+
+    demo: bool = False  # build / reuse the bundled stdlib corpus and tokenizer
+    train_data: List[str] = field(default_factory=list)  # prefixes, or "weight prefix" pairs
+    valid_data: List[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None  # SentencePiece .model or HF tokenizer.json
+    seq_length: int = 256
+    seed: int = 1234
+    cache_dir: Optional[str] = None
+    sft_data: Optional[str] = None  # JSONL for sft / dpo / rl stages
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation; learning-rate schedule uses Megatron's OptimizerParamScheduler."""
+
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_steps: int = 10
+    lr_decay_style: str = "cosine"  # constant | linear | cosine | WSD
+    lr_wsd_decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    init_from: Optional[str] = None  # Megatron checkpoint (AR or previous stage) to start from
+    nan_policy: str = "skip"  # skip | stop
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval: int = 0  # 0 = only at the end
+    resume: bool = True  # continue from save_dir/latest when present
+    keep_last: int = 0  # 0 = keep all
+    keep_best: int = 0  # never delete the best-N by validation perplexity
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    eval_interval: int = 0  # 0 = only at checkpoints
+    eval_iters: int = 4
+    tensorboard_dir: Optional[str] = None  # default: <save_dir>/tensorboard
+
+
+@dataclass
+class Config:
+    """Root of the tree: ``llada-cpt <stage> -c file.yaml section.key=value ...``."""
+
+    stage: str = "cpt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from llada_cpt.config import config_from_dict, dump_config, load_config, validate
+from llada_cpt.errors import ConfigError
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  preset: tiny\n  hidden_size: 256\ntrain:\n  lr: 1e-3\ndata:\n  demo: true\n")
+    cfg = load_config(f, ["model.num_layers=6", "train.lr=2e-4", "diffusion.block_schedule=[[1, 5], [64, 10]]"])
+    assert cfg.model.num_layers == 6 and cfg.model.hidden_size == 256  # explicit beats preset
+    assert cfg.model.num_query_groups == 2  # from the preset
+    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.diffusion.block_schedule == [[1, 5], [64, 10]]
+    validate(cfg, world_size=2)
+
+
+def test_dump_round_trip():
+    cfg = load_config(None, ["model.preset=tiny", "data.demo=true"])
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override,msg", [
+    (["model.num_layer=4"], "unknown config key `model.num_layer`. Did you mean `model.num_layers`"),
+    (["trian.lr=1"], "unknown config key `trian`. Did you mean `train`"),
+    (["model.num_layers=four"], "model.num_layers: expected int, got str"),
+    (["model.qk_layernorm=1"], "model.qk_layernorm: expected bool, got int"),
+    (["model.preset=qwen9"], "unknown model preset `qwen9`"),
+    (["model.num_layers"], "section.key=value"),
+])
+def test_load_errors(override, msg):
+    with pytest.raises(ConfigError, match=msg.replace("[", "\\[").replace("(", "\\(")):
+        load_config(None, override)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/x.yaml")
+
+
+@pytest.mark.parametrize("override,world,msg", [
+    (["data.seq_length=100", "diffusion.block_schedule=[[32, 1]]"], None, "block size 32 does not divide data.seq_length=100"),
+    (["parallel.tensor_model_parallel_size=3"], None, "num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
+    (["parallel.pipeline_model_parallel_size=3"], None, "num_layers=4 is not divisible by parallel.pipeline_model_parallel_size=3"),
+    (["parallel.tensor_model_parallel_size=2"], 3, "3 processes cannot be split"),
+    (["train.global_batch_size=3"], 2, "global_batch_size=3 is not divisible"),
+    (["parallel.context_parallel_size=2", "data.seq_length=6", "diffusion.block_schedule=[[2, 1]]"], None, "divisible by 2 \\* context_parallel_size"),
+    (["parallel.expert_model_parallel_size=2"], None, "needs an MoE model"),
+    (["model.attention_backend=magic"], None, "attention_backend `magic`"),
+])
+def test_validation_errors(override, world, msg):
+    cfg = load_config(None, ["model.preset=tiny", "data.demo=true"] + override)
+    with pytest.raises(ConfigError, match=msg):
+        validate(cfg, world_size=world)
+
+
+def test_all_problems_listed():
+    cfg = load_config(None, ["model.preset=tiny", "data.demo=true", "parallel.tensor_model_parallel_size=3",
+                             "model.attention_backend=magic"])
+    with pytest.raises(ConfigError, match="3 problems") as err:
+        validate(cfg)
+    assert "attention_backend" in str(err.value) and "tensor_model_parallel_size=3" in str(err.value)
