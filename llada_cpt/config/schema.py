@@ -123,6 +123,7 @@ class LoggingConfig:
     eval_interval: int = 0  # 0 = only at checkpoints
     eval_iters: int = 4
     tensorboard_dir: Optional[str] = None  # default: <save_dir>/tensorboard
+    peak_tflops: Optional[float] = None  # per device, for MFU; default: known GPUs, none on CPU
 
 
 @dataclass

@@ -75,3 +75,25 @@ def sample_mask(
 def complementary_mask(masked: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """The logical inverse of ``masked`` over the eligible tokens."""
     return eligible & ~masked
+
+
+def sample_noise_per_row(
+    doc_ids: torch.Tensor,
+    eligible: torch.Tensor,
+    block_size: int,
+    cfg: NoiseConfig,
+    row_seeds: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, masked)`` with row ``i`` drawn from its own generator seeded by ``row_seeds[i]``.
+
+    Seeding per sample (e.g. from the global sample index) makes the noise of a
+    sample independent of how the global batch is split over data-parallel
+    ranks and micro-batches, and of restarts: resume is exact without RNG state.
+    """
+    ts, ms = [], []
+    for row, seed in enumerate(row_seeds):
+        g = torch.Generator(device=doc_ids.device).manual_seed(int(seed))
+        t = sample_timesteps(doc_ids[row : row + 1], block_size, cfg, g)
+        ts.append(t)
+        ms.append(sample_mask(t, eligible[row : row + 1], g))
+    return torch.cat(ts), torch.cat(ms)

@@ -1,0 +1,261 @@
+"""Atomic, resumable, reshardable checkpoints on Megatron ``dist_checkpointing`` (torch_dist).
+
+Layout of ``save_dir``::
+
+    iter_0000100/          one complete checkpoint (renamed from iter_0000100.tmp when done)
+        metadata.json, common.pt, *.distcp   Megatron dist_checkpointing
+        rng/rank_00000.pt  per-rank RNG states (restored when the layout matches)
+        config.yaml        the resolved config of the run
+        metrics.json       iteration, consumed tokens, validation loss / perplexity (for top-k merge)
+    latest                 name of the newest complete checkpoint, replaced atomically, written last
+
+A crash at any point leaves ``latest`` pointing at a complete checkpoint.  The
+optimizer uses the ``fully_reshardable`` format so a checkpoint saved with one
+TP/PP/DP/EP layout loads into another.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from ..config.loader import dump_config
+from ..errors import UserError
+
+LATEST = "latest"
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers: sharded_state_dict lives on the GPTModel."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> dict:
+    chunks = [unwrap(m) for m in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
+
+
+def latest_checkpoint(save_dir: Optional[str | Path]) -> Optional[Path]:
+    """The checkpoint ``latest`` points at, or None when there is none yet."""
+    if not save_dir:
+        return None
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(save_dir) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise UserError(f"{pointer} names `{path.name}`, which is not a complete checkpoint; "
+                        "point `latest` at an existing iter_* directory or remove it to start fresh")
+    return path
+
+
+def list_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``*.tmp`` leftovers are ignored)."""
+    root = Path(save_dir)
+    return sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "metadata.json").is_file())
+
+
+def read_metrics(path: str | Path) -> dict:
+    f = Path(path) / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """Merge ``metrics`` into ``metrics.json`` atomically (validation may come after the save)."""
+    if _rank() != 0:
+        return
+    data = {**read_metrics(path), **metrics}
+    tmp = Path(path) / "metrics.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, Path(path) / "metrics.json")
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    model_chunks: List[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    state: dict,
+    config: Any,
+    metrics: Optional[dict] = None,
+) -> Path:
+    """Collective save; returns the final directory.  ``latest`` moves only after it is complete."""
+    root = Path(save_dir)
+    final = root / checkpoint_name(iteration)
+    tmp = root / (final.name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    sharded = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=OPTIM_METADATA)
+    sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    sharded["state"] = state
+    dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "config.yaml").write_text(dump_config(config))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (tmp / "metrics.json").write_text(json.dumps(
+            {"iteration": iteration, "world_size": world, **(metrics or {})}, indent=2, sort_keys=True))
+        if final.exists():  # re-reaching an iteration after resuming from an older one
+            old = root / (final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, final.name + "\n")
+    _barrier()
+    return final
+
+
+def _fix_shared_step_state(optimizer: Any) -> None:
+    """Give every parameter its own Adam ``step`` tensor.
+
+    After a dist-checkpoint load the per-parameter ``step`` of the torch AdamW
+    fallback can alias one tensor; the first ``step()`` then increments it once
+    per parameter, silently breaking bit-exact resume (DESIGN section 3).
+    """
+    stack, seen = [optimizer], set()
+    while stack:
+        opt = stack.pop()
+        if id(opt) in seen or opt is None:
+            continue
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            for st in opt.state.values():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].clone()
+            continue
+        stack.extend(getattr(opt, "chained_optimizers", []))
+        stack.append(getattr(opt, "optimizer", None))
+
+
+def load_checkpoint(
+    path: str | Path,
+    model_chunks: List[torch.nn.Module],
+    optimizer: Any = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Load into the given (possibly differently parallelised) model; returns the saved loop state."""
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise UserError(f"`{path}` is not a Megatron dist checkpoint (no metadata.json); pass an iter_* "
+                        "directory or a run directory with a `latest` file")
+    sharded = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=OPTIM_METADATA)
+    loaded = dist_checkpointing.load(sharded, str(path))  # also returns the common (non-sharded) items
+    chunks = [unwrap(m) for m in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, m in enumerate(chunks):
+            m.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _fix_shared_step_state(optimizer)
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if restore_rng and rng_file.is_file() and read_metrics(path).get("world_size") == world:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return dict(loaded.get("state") or {})
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run directory (follows ``latest``) or an iter_* directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint `{p}` does not exist; pass a run directory or an iter_* directory")
+    if (p / "metadata.json").is_file():
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        raise UserError(f"`{p}` holds no checkpoint (no `latest` file and no metadata.json)")
+    return found
+
+
+def apply_retention(save_dir: str | Path, keep_last: int, keep_best: int, metric: str = "val_ppl") -> list[Path]:
+    """Delete old checkpoints beyond the newest ``keep_last``, never one of the best ``keep_best``
+    by ``metric`` (what a top-k merge would pick) and never the one ``latest`` names."""
+    if _rank() != 0 or keep_last <= 0:
+        return []
+    ckpts = list_checkpoints(save_dir)
+    keep = set(ckpts[-keep_last:])
+    latest = latest_checkpoint(save_dir)
+    if latest is not None:
+        keep.add(latest)
+    if keep_best > 0:
+        scored = [(read_metrics(p).get(metric), p) for p in ckpts]
+        scored = sorted((m, p) for m, p in scored if m is not None)
+        keep.update(p for _, p in scored[:keep_best])
+    removed = [p for p in ckpts if p not in keep]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed

@@ -1,0 +1,277 @@
+"""The training loop shared by every stage: stages vary the data and the step, not the loop.
+
+Per step: block size from the WSD schedule (a function of consumed tokens) ->
+the stage's micro-batches for this data-parallel rank -> Megatron forward /
+backward over micro-batches (and pipeline stages) -> NaN guard -> optimizer and
+LR-scheduler step -> logging, evaluation, checkpointing, signal handling.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from ..config.loader import dump_config
+from ..config.schema import Config
+from ..config.validation import validate
+from ..diffusion.inputs import DiffusionBatch
+from ..diffusion.wsd import WSDSchedule
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .flops import device_peak_flops, step_flops
+from .logger import TrainLogger
+
+
+@dataclass
+class StepData:
+    """What a stage hands the loop for one optimizer step on this rank."""
+
+    micro_batches: list[DiffusionBatch]
+    data_indices: list[int] = field(default_factory=list)  # logged when a step goes bad
+
+
+class Stage(Protocol):
+    """The part that differs between CPT, SFT, DPO and RL."""
+
+    name: str
+
+    def prepare(self, cfg: Config) -> tuple[int, int]:
+        """Load tokenizer / data; return ``(vocab_size, mask_id)``."""
+
+    def step_data(self, run: "Run", block_size: int) -> StepData: ...
+
+    def eval_data(self, run: "Run", block_size: int) -> list[list[DiffusionBatch]]: ...
+
+    def loss_fn(self):
+        """Megatron loss function factory (None: the plain diffusion ELBO loss)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Run:
+    cfg: Config
+    model_chunks: list
+    optimizer: Any
+    scheduler: Any
+    wsd: WSDSchedule
+    vocab_size: int
+    mask_id: int
+    dp_rank: int
+    dp_size: int
+    iteration: int = 0
+    consumed_tokens: int = 0
+    consumed_samples: int = 0
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.data.seq_length
+
+
+def _is_logging_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def _broadcast_from_last_stage(values: dict[str, float]) -> dict[str, float]:
+    """Pipeline: only the last stage computes the loss; share the scalars with every rank."""
+    if not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    world = dist.get_world_size()
+    t = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
+    # the last global rank is on the last pipeline stage
+    n = torch.tensor([len(keys)], dtype=torch.long)
+    dist.broadcast(n, src=world - 1)
+    if dist.get_rank() != world - 1:
+        t = torch.zeros(int(n), dtype=torch.float64)
+        keys = None
+    obj = [keys]
+    dist.broadcast_object_list(obj, src=world - 1)
+    dist.broadcast(t, src=world - 1)
+    return dict(zip(obj[0], t.tolist()))
+
+
+def _precision_bf16(cfg: Config) -> bool:
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.train.precision == "bf16"
+
+
+def build_run(cfg: Config, stage: Stage) -> Run:
+    """Distributed init, model, optimizer, scheduler, WSD; resume or initialise weights."""
+    from ..model.provider import build_model, wrap_ddp
+    from .distributed import initialize
+    from .optimizer import build_optimizer, build_scheduler
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size=world)
+    initialize(cfg.parallel, seed=cfg.train.seed)
+    vocab_size, mask_id = stage.prepare(cfg)
+    if cfg.diffusion.mask_id is not None:
+        mask_id = cfg.diffusion.mask_id
+    if not 0 <= mask_id < vocab_size:
+        raise UserError(f"mask id {mask_id} is outside the vocabulary (size {vocab_size}); "
+                        "use a tokenizer with a [MASK] token or set diffusion.mask_id")
+    bf16 = _precision_bf16(cfg)
+    chunks = build_model(cfg.model, cfg.parallel, vocab_size=vocab_size, bf16=bf16)
+    chunks = wrap_ddp(chunks, cfg.parallel)
+    optimizer = build_optimizer(cfg, chunks, bf16)
+    scheduler = build_scheduler(cfg, optimizer)
+    dp_rank = ps.get_data_parallel_rank()
+    dp_size = ps.get_data_parallel_world_size()
+    wsd = WSDSchedule.from_config(cfg.diffusion.block_schedule, cfg.data.seq_length,
+                                  cfg.diffusion.block_schedule_unit, cfg.train.global_batch_size * cfg.data.seq_length)
+    run = Run(cfg, chunks, optimizer, scheduler, wsd, vocab_size, mask_id, dp_rank, dp_size)
+    resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
+    if resume is not None:
+        state = ckpt.load_checkpoint(resume, chunks, optimizer, scheduler)
+        run.iteration = int(state["iteration"])
+        run.consumed_tokens = int(state["consumed_tokens"])
+        run.consumed_samples = int(state["consumed_samples"])
+        stage.load_state_dict(state.get("stage", {}))
+        for diff in wsd.check_state(state.get("wsd", {})):
+            _print(f"note: WSD schedule changed since the checkpoint ({diff}); block size follows consumed tokens")
+        _print(f"resumed from {resume} at step {run.iteration} ({run.consumed_tokens} tokens)")
+    elif cfg.train.init_from:
+        path = ckpt.resolve_checkpoint(cfg.train.init_from)
+        ckpt.load_checkpoint(path, chunks, optimizer=None, scheduler=None, restore_rng=False)
+        _print(f"initialised weights from {path}")
+    return run
+
+
+def _print(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _loop_state(run: Run, stage: Stage) -> dict:
+    return {"iteration": run.iteration, "consumed_tokens": run.consumed_tokens,
+            "consumed_samples": run.consumed_samples, "wsd": run.wsd.state_dict(), "stage": stage.state_dict()}
+
+
+def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
+    """Validation loss / perplexity at ``block_size`` over the stage's fixed evaluation batches."""
+    from .step import forward_backward
+
+    for m in run.model_chunks:
+        m.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for batches in stage.eval_data(run, block_size):
+            res = forward_backward(run.model_chunks, batches, forward_only=True, loss_fn=stage.loss_fn())
+            vals = _broadcast_from_last_stage({"sum": res.loss_sum, "count": res.num_tokens})
+            total += vals["sum"]
+            count += vals["count"]
+    for m in run.model_chunks:
+        m.train()
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def validation_metrics(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
+    """Eval at the current block size and at the fixed reference block size (comparable across phases)."""
+    out = {}
+    cur = evaluate(run, stage, block_size)
+    out.update(val_loss=cur["loss"], val_ppl=cur["ppl"], val_block_size=block_size)
+    ref = run.cfg.diffusion.reference_block_size
+    if ref:
+        r = evaluate(run, stage, ref) if ref != block_size else cur
+        out.update(val_loss_ref=r["loss"], val_ppl_ref=r["ppl"], val_ref_block_size=ref)
+    return out
+
+
+def train(cfg: Config, stage: Stage) -> dict[str, Any]:
+    """Run a stage to ``train.train_steps``; returns the last logged values (for tests and scripts)."""
+    from .signals import StopRequest
+    from .step import forward_backward
+
+    run = build_run(cfg, stage)
+    t = cfg.train
+    save_dir = cfg.checkpoint.save_dir
+    tb_dir = cfg.logging.tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
+    logger = TrainLogger(t.train_steps, tb_dir, _is_logging_rank(),
+                         (cfg.logging.peak_tflops * 1e12) if cfg.logging.peak_tflops else device_peak_flops(),
+                         dist.get_world_size() if dist.is_initialized() else 1, start_step=run.iteration)
+    if dist.get_rank() == 0 if dist.is_initialized() else True:
+        print(f"llada-cpt {stage.name}: {dist.get_world_size() if dist.is_initialized() else 1} processes, "
+              f"dp={run.dp_size}, {run.micro_batches_per_step} micro-batches/step, "
+              f"{t.train_steps - run.iteration} steps to go", flush=True)
+    stop = StopRequest.install()
+    history: list[dict] = []
+    last: dict[str, Any] = {}
+    prev_block = None
+    while run.iteration < t.train_steps:
+        block = run.wsd.block_size(run.consumed_tokens)
+        if block != prev_block:
+            layout = "MDLM (x_t only, L)" if block >= cfg.data.seq_length else "BDLM [x_t ; x_0] (2L)"
+            _print(f"step {run.iteration}: block size {block} -> layout {layout}")
+            prev_block = block
+        if hasattr(stage, "set_step"):
+            stage.set_step(run, run.iteration)
+        data = stage.step_data(run, block)
+        for m in run.model_chunks:
+            m.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        res = forward_backward(run.model_chunks, data.micro_batches, forward_only=False, loss_fn=stage.loss_fn())
+        vals = _broadcast_from_last_stage({"loss": res.loss, **res.metrics})
+        bad = not math.isfinite(vals["loss"])
+        grad_norm = float("nan")
+        if not bad:
+            ok, grad_norm, _ = run.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            bad = not ok or not math.isfinite(grad_norm)
+        if bad:
+            msg = (f"step {run.iteration}: non-finite loss {vals['loss']} / grad norm {grad_norm}; data indices "
+                   f"{data.data_indices[:16]}")
+            if t.nan_policy == "stop":
+                raise FloatingPointError(msg + " -- stopping (train.nan_policy=stop); latest checkpoint is untouched")
+            _print(msg + " -- step skipped (train.nan_policy=skip)")
+        run.scheduler.step(increment=1)
+        run.iteration += 1
+        run.consumed_tokens += run.tokens_per_step
+        run.consumed_samples += t.global_batch_size
+        mask_ratio = sum(b.mask_ratio for b in data.micro_batches) / max(len(data.micro_batches), 1)
+        tokens = sum(b.input_ids.numel() for b in data.micro_batches) * run.dp_size
+        flops = step_flops(cfg.model, run.vocab_size, [b.layout for b in data.micro_batches]) * run.dp_size
+        logger.record({**vals, "grad_norm": grad_norm, "mask_ratio": mask_ratio, "skipped": float(bad)}, tokens, flops)
+        history.append({"step": run.iteration, "loss": vals["loss"], "block_size": block})
+        if run.iteration % cfg.logging.log_interval == 0 or run.iteration == t.train_steps:
+            lr = run.optimizer.param_groups[0]["lr"]
+            logger.flush(run.iteration, run.consumed_tokens, block, lr)
+        metrics = None
+        eval_due = cfg.logging.eval_interval and run.iteration % cfg.logging.eval_interval == 0
+        save_due = save_dir and ((cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0)
+                                 or run.iteration == t.train_steps or stop.requested)
+        if eval_due or save_due:
+            metrics = validation_metrics(run, stage, block)
+            for k, v in metrics.items():
+                logger.scalar(f"valid/{k}", v, run.iteration)
+            _print(f"step {run.iteration}: validation " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            last.update(metrics)
+        if save_due:
+            path = ckpt.save_checkpoint(save_dir, run.iteration, run.model_chunks, run.optimizer, run.scheduler,
+                                        _loop_state(run, stage), cfg,
+                                        {**(metrics or {}), "consumed_tokens": run.consumed_tokens})
+            ckpt.apply_retention(save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+            _print(f"saved checkpoint {path}")
+        if stop.requested:
+            _print(f"stop requested by signal {stop.signame}: checkpoint saved at step {run.iteration}, exiting")
+            logger.close()
+            last.update(stopped=True, history=history, iteration=run.iteration)
+            return last
+    logger.close()
+    last.update(history=history, iteration=run.iteration, stopped=False)
+    return last

@@ -1,0 +1,52 @@
+"""Graceful stop on SIGTERM / SIGUSR1 (preemption, Slurm ``--signal``, ``scancel``).
+
+The first signal asks the loop to save a checkpoint at the next step boundary
+and exit with :data:`EXIT_REQUEUE`, which ``launch/slurm.sbatch`` turns into a
+requeue; a second signal exits at once.  Ranks agree on the stop through an
+all-reduce so that every rank saves the same step even when only one of them
+received the signal.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+EXIT_REQUEUE = 3  # "checkpoint saved, please run me again"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self._local = False
+        self._agreed = False
+        self.signame: Optional[str] = None
+
+    @classmethod
+    def install(cls) -> "StopRequest":
+        req = cls()
+        for sig in SIGNALS:
+            signal.signal(sig, req._handler)
+        return req
+
+    def _handler(self, signum, _frame) -> None:
+        if self._local:  # second signal: leave now, the last complete checkpoint stays `latest`
+            os._exit(128 + signum)
+        self._local = True
+        self.signame = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        """Collective: True on every rank once any rank has been signalled (call once per step)."""
+        if self._agreed:
+            return True
+        flag = torch.tensor([1 if self._local else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._agreed = bool(flag.item())
+        if self._agreed and self.signame is None:
+            self.signame = "peer"
+        return self._agreed

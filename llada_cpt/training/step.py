@@ -1,0 +1,170 @@
+"""One forward/backward over a global batch with Megatron's pipeline schedules.
+
+Every rank of a DP replica (its TP/PP/CP ranks) holds the same list of
+micro-batches (:class:`~llada_cpt.diffusion.inputs.DiffusionBatch`, built from the
+same data and seed).  The loss function returns ``(sum(w * CE), num_eligible)``
+per micro-batch; with ``calculate_per_token_loss`` Megatron sums both over
+micro-batches, broadcasts the count over PP, all-reduces it over DP x CP and
+divides the gradients by it in ``finalize_model_grads``.  Hence loss and
+gradients are those of ``sum(w * CE) / eligible`` over the *global* batch,
+whatever the DP / PP / TP / grad-accumulation split (``diffusion/loss.py``).
+
+MoE auxiliary losses enter the gradient through Megatron's
+``MoEAuxLossAutoScaler`` (scaled by the local token count so that the
+per-token normalisation leaves them at ``coeff * aux``); they are reported
+separately in :attr:`StepResult.aux_losses`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+from ..diffusion.inputs import DiffusionBatch
+from ..diffusion.loss import normalised_loss, weighted_loss_terms
+from .distributed import device as current_device
+
+__all__ = ["StepResult", "forward_backward", "batch_to_device"]
+
+
+@dataclass
+class StepResult:
+    """Global-batch statistics, identical on every rank."""
+
+    loss: float  # sum(w * CE) / num_eligible over the global batch
+    loss_sum: float
+    num_eligible: int
+    num_masked: int
+    num_microbatches: int
+    aux_losses: Dict[str, float] = field(default_factory=dict)  # mean per MoE layer and micro-batch
+
+
+def batch_to_device(batch: DiffusionBatch, device: torch.device) -> DiffusionBatch:
+    """Move every tensor of ``batch`` (and its layout) to ``device``."""
+    if batch.input_ids.device == device:
+        return batch
+    layout = batch.layout
+    layout = dataclasses.replace(
+        layout,
+        doc_ids=layout.doc_ids.to(device),
+        local_positions=None if layout.local_positions is None else layout.local_positions.to(device),
+    )
+    moved = {
+        f.name: getattr(batch, f.name).to(device, non_blocking=True)
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, layout=layout, **moved)
+
+
+def _loss_func(batch: DiffusionBatch, token_loss: torch.Tensor):
+    """Megatron's 3-tuple loss contract: (summed loss, token count, values to report)."""
+    total, count = weighted_loss_terms(token_loss, batch.loss_weight, batch.num_eligible)
+    count = count.to(torch.int)  # the schedules accumulate counts in an int tensor
+    report = torch.stack([total.detach().double(), count.double(), batch.masked.sum().double()])
+    return total, count, {"loss_terms": report}
+
+
+def _forward_step(device: torch.device, data_iterator, model):
+    batch = batch_to_device(next(data_iterator), device)
+    output = model(
+        batch.input_ids,
+        batch.layout.position_ids(local=True),
+        attention_mask=batch.layout,
+        labels=batch.labels,
+    )
+    return output, partial(_loss_func, batch)
+
+
+def _global_terms(store: List[dict]) -> torch.Tensor:
+    """Sum the micro-batch terms on the last stage, reduce over DP x CP, share over PP."""
+    terms = torch.zeros(3, dtype=torch.float64, device=current_device())
+    for item in store:
+        terms += item["loss_terms"].to(terms.device)
+    dist.all_reduce(terms, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            terms,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return terms
+
+
+def _moe_aux_losses(config, num_microbatches: int) -> Dict[str, float]:
+    if not getattr(config, "num_moe_experts", None):
+        return {}
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    freq = config.moe_layer_freq
+    num_moe_layers = sum(freq) if isinstance(freq, list) else len(range(0, config.num_layers, freq))
+    out = {
+        name: float(entry["values"].float().sum()) / max(1, num_moe_layers) / num_microbatches
+        for name, entry in tracker.items()
+    }
+    moe_utils.clear_aux_losses_tracker()
+    return out
+
+
+def forward_backward(
+    model_chunks: Sequence[torch.nn.Module], batches: Sequence[DiffusionBatch], forward_only: bool = False
+) -> StepResult:
+    """Run all micro-batches of one global batch through Megatron's schedule.
+
+    ``model_chunks``: this rank's model chunks (one per virtual stage), wrapped in
+    Megatron DDP for training (``wrap_ddp``); gradients end in ``param.main_grad``,
+    already reduced and normalised.  DDP grad buffers are zeroed first.
+    """
+    if not batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    shape = tuple(batches[0].input_ids.shape)
+    if any(tuple(b.input_ids.shape) != shape for b in batches):
+        raise ValueError(
+            "all micro-batches of a step must have the same [batch, seq] shape (one block size per step), "
+            f"got {sorted({tuple(b.input_ids.shape) for b in batches})}"
+        )
+    chunks = list(model_chunks)
+    config = get_model_config(chunks[0])
+    if not forward_only:
+        if not all(isinstance(c, DistributedDataParallel) for c in chunks):
+            raise TypeError(
+                "training needs the model chunks wrapped in Megatron DDP "
+                "(llada_cpt.training.distributed.wrap_ddp); it reduces and normalises the gradients"
+            )
+        config.finalize_model_grads_func = finalize_model_grads
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+    layout = batches[0].layout
+    seq_length = layout.num_copies * layout.seq_length  # global; Megatron divides by CP itself
+    device = current_device()
+    iterators = [iter(batches) for _ in chunks]
+    store = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, device),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=shape[0],
+        forward_only=forward_only,
+    )
+    total, count, masked = _global_terms(store).tolist()
+    return StepResult(
+        loss=float(normalised_loss(torch.tensor(total), torch.tensor(count))),
+        loss_sum=total,
+        num_eligible=int(count),
+        num_masked=int(masked),
+        num_microbatches=len(batches),
+        aux_losses=_moe_aux_losses(config, len(batches)) if not forward_only else {},
+    )
