@@ -108,7 +108,7 @@ def dpo_records(entries: List[Entry]) -> Iterator[dict]:
             continue
         question = f"What is the signature of {e.qualname}?"
         if i % 6 == 4:
-            yield {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            yield {"messages": [{"role": "user", "content": question}],
                    "chosen": {"role": "assistant", "content": chosen},
                    "rejected": {"role": "assistant", "content": rejected}}
         else:
