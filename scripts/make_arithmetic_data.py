@@ -6,9 +6,9 @@ of the seeds).  Questions hold one LaTeX expression between ``$...$`` (integers,
 ``\\times``, ``\\div``, ``\\frac{a}{b}``, parentheses) or a linear equation in x; the
 answer is exact (``Fraction``), written as an integer or a reduced ``\\frac``.
 The instruction to answer in ``\\boxed{}`` belongs to the RL prompt template, not
-to the data (as in the reference GTPO rollout).  The output is a pure function of ``--seed`` and ``--num`` and is written
-atomically (a temporary file renamed into place), so a failed run leaves no
-partial file.
+to the data (as in the reference GTPO rollout).  The output is a pure function
+of ``--seed`` and ``--num`` and is written atomically (a temporary file renamed
+into place), so a failed run leaves no partial file.
 
     python scripts/make_arithmetic_data.py            # regenerates llada_cpt/data/bundled/arithmetic_rl.jsonl
 """

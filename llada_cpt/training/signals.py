@@ -4,7 +4,9 @@ The first signal asks the loop to save a checkpoint at the next step boundary
 and exit with :data:`EXIT_REQUEUE`, which ``launch/slurm.sbatch`` turns into a
 requeue; a second signal exits at once.  Ranks agree on the stop through an
 all-reduce so that every rank saves the same step even when only one of them
-received the signal.
+received the signal.  Launchers that cannot deliver signals to the ranks
+(Slurm batch scripts with srun + torchrun in between) instead touch the file
+named by ``LLADA_CPT_STOP_FILE``, which is polled at the same point.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ class StopRequest:
         """Collective: True on every rank once any rank has been signalled (call once per step)."""
         if self._agreed:
             return True
+        stop_file = os.environ.get("LLADA_CPT_STOP_FILE")
+        if not self._local and stop_file and os.path.exists(stop_file):
+            self._local, self.signame = True, "stop file"
         flag = torch.tensor([1 if self._local else 0], dtype=torch.int32)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
