@@ -13,7 +13,7 @@ setup(
     name="llada-cpt",
     version="0.1.0",
     description="Turn autoregressive checkpoints into block-diffusion LMs with Megatron-Core",
-    packages=find_packages(include=["llada_cpt*", "megatron_patches*"]),
+    packages=find_packages(include=["llada_cpt*", "megatron_patches*", "kernels*"]),
     package_data={"llada_cpt": ["data/bundled/*", "configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[

@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from ..config.loader import dump_config
 from ..errors import UserError
+from .distributed import unwrap
 
 LATEST = "latest"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -45,13 +46,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers: sharded_state_dict lives on the GPTModel."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> dict:

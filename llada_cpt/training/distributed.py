@@ -105,11 +105,9 @@ def initialize(parallel_cfg: ParallelConfig, seed: int, backend: Optional[str] =
     """Initialise torch.distributed (if needed), Megatron's parallel state and RNG; idempotent per layout."""
     on_gpu = torch.cuda.is_available()
     backend = backend or ("nccl" if on_gpu else "gloo")
-    patches: List[str] = []
-    if not on_gpu:
-        from megatron_patches import cpu
+    import megatron_patches
 
-        patches = cpu.apply()
+    patches: List[str] = megatron_patches.apply()  # CPU patches only without CUDA
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -144,7 +142,7 @@ def initialize(parallel_cfg: ParallelConfig, seed: int, backend: Optional[str] =
         cpu_patches=tuple(patches),
     )
     if info.rank == 0:
-        log.info("parallel layout %s; megatron cpu patches: %s", info, ", ".join(patches) or "none")
+        log.info("parallel layout %s; megatron patches: %s", info, ", ".join(patches) or "none")
     return info
 
 

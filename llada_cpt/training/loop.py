@@ -48,9 +48,6 @@ class Stage(Protocol):
 
     def eval_data(self, run: "Run", block_size: int) -> list[list[DiffusionBatch]]: ...
 
-    def loss_fn(self):
-        """Megatron loss function factory (None: the plain diffusion ELBO loss)."""
-
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -67,6 +64,7 @@ class Run:
     mask_id: int
     dp_rank: int
     dp_size: int
+    embedding_noise: Any = None
     iteration: int = 0
     consumed_tokens: int = 0
     consumed_samples: int = 0
@@ -85,35 +83,10 @@ def _is_logging_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
 
 
-def _broadcast_from_last_stage(values: dict[str, float]) -> dict[str, float]:
-    """Pipeline: only the last stage computes the loss; share the scalars with every rank."""
-    if not dist.is_initialized():
-        return values
-    keys = sorted(values)
-    world = dist.get_world_size()
-    t = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
-    # the last global rank is on the last pipeline stage
-    n = torch.tensor([len(keys)], dtype=torch.long)
-    dist.broadcast(n, src=world - 1)
-    if dist.get_rank() != world - 1:
-        t = torch.zeros(int(n), dtype=torch.float64)
-        keys = None
-    obj = [keys]
-    dist.broadcast_object_list(obj, src=world - 1)
-    dist.broadcast(t, src=world - 1)
-    return dict(zip(obj[0], t.tolist()))
-
-
-def _precision_bf16(cfg: Config) -> bool:
-    if cfg.train.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.train.precision == "bf16"
-
-
 def build_run(cfg: Config, stage: Stage) -> Run:
     """Distributed init, model, optimizer, scheduler, WSD; resume or initialise weights."""
-    from ..model.provider import build_model, wrap_ddp
-    from .distributed import initialize
+    from ..model.provider import build_model, resolve_dtype
+    from .distributed import initialize, wrap_ddp
     from .optimizer import build_optimizer, build_scheduler
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -125,8 +98,8 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     if not 0 <= mask_id < vocab_size:
         raise UserError(f"mask id {mask_id} is outside the vocabulary (size {vocab_size}); "
                         "use a tokenizer with a [MASK] token or set diffusion.mask_id")
-    bf16 = _precision_bf16(cfg)
-    chunks = build_model(cfg.model, cfg.parallel, vocab_size=vocab_size, bf16=bf16)
+    bf16 = resolve_dtype(cfg.train.precision) == torch.bfloat16
+    chunks = build_model(cfg.model, cfg.parallel, cfg.train.precision, vocab_size)
     chunks = wrap_ddp(chunks, cfg.parallel)
     optimizer = build_optimizer(cfg, chunks, bf16)
     scheduler = build_scheduler(cfg, optimizer)
@@ -135,6 +108,13 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     wsd = WSDSchedule.from_config(cfg.diffusion.block_schedule, cfg.data.seq_length,
                                   cfg.diffusion.block_schedule_unit, cfg.train.global_batch_size * cfg.data.seq_length)
     run = Run(cfg, chunks, optimizer, scheduler, wsd, vocab_size, mask_id, dp_rank, dp_size)
+    if cfg.diffusion.embedding_noise_steps > 0 and cfg.diffusion.embedding_noise_std > 0:
+        from ..model.embedding_noise import EmbeddingNoise
+        from .distributed import unwrap
+
+        run.embedding_noise = EmbeddingNoise(cfg.diffusion, mask_id, cfg.train.seed, dp_rank)
+        for chunk in chunks:
+            run.embedding_noise.attach(unwrap(chunk))
     resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:
         state = ckpt.load_checkpoint(resume, chunks, optimizer, scheduler)
@@ -168,15 +148,18 @@ def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
 
     for m in run.model_chunks:
         m.eval()
+    if run.embedding_noise is not None:  # validation measures the clean model
+        run.embedding_noise.set_step(run.cfg.diffusion.embedding_noise_steps)
     total, count = 0.0, 0.0
     with torch.no_grad():
         for batches in stage.eval_data(run, block_size):
-            res = forward_backward(run.model_chunks, batches, forward_only=True, loss_fn=stage.loss_fn())
-            vals = _broadcast_from_last_stage({"sum": res.loss_sum, "count": res.num_tokens})
-            total += vals["sum"]
-            count += vals["count"]
+            res = forward_backward(run.model_chunks, batches, forward_only=True)
+            total += res.loss_sum
+            count += res.num_eligible
     for m in run.model_chunks:
         m.train()
+    if run.embedding_noise is not None:
+        run.embedding_noise.set_step(run.iteration)
     loss = total / max(count, 1.0)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
@@ -219,14 +202,12 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
             layout = "MDLM (x_t only, L)" if block >= cfg.data.seq_length else "BDLM [x_t ; x_0] (2L)"
             _print(f"step {run.iteration}: block size {block} -> layout {layout}")
             prev_block = block
-        if hasattr(stage, "set_step"):
-            stage.set_step(run, run.iteration)
+        if run.embedding_noise is not None:
+            run.embedding_noise.set_step(run.iteration)
         data = stage.step_data(run, block)
-        for m in run.model_chunks:
-            m.zero_grad_buffer()
         run.optimizer.zero_grad()
-        res = forward_backward(run.model_chunks, data.micro_batches, forward_only=False, loss_fn=stage.loss_fn())
-        vals = _broadcast_from_last_stage({"loss": res.loss, **res.metrics})
+        res = forward_backward(run.model_chunks, data.micro_batches, forward_only=False)
+        vals = {"loss": res.loss, **res.aux_losses}
         bad = not math.isfinite(vals["loss"])
         grad_norm = float("nan")
         if not bad:

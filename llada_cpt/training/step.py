@@ -125,7 +125,8 @@ def forward_backward(
 
     ``model_chunks``: this rank's model chunks (one per virtual stage), wrapped in
     Megatron DDP for training (``wrap_ddp``); gradients end in ``param.main_grad``,
-    already reduced and normalised.  DDP grad buffers are zeroed first.
+    already reduced and normalised, ready for ``optimizer.step()``.  DDP grad
+    buffers are zeroed first (the optimizer's own ``zero_grad`` is the caller's).
     """
     if not batches:
         raise ValueError("forward_backward needs at least one micro-batch")
@@ -143,7 +144,8 @@ def forward_backward(
                 "training needs the model chunks wrapped in Megatron DDP "
                 "(llada_cpt.training.distributed.wrap_ddp); it reduces and normalises the gradients"
             )
-        config.finalize_model_grads_func = finalize_model_grads
+        if config.finalize_model_grads_func is None:
+            config.finalize_model_grads_func = finalize_model_grads
         for chunk in chunks:
             chunk.zero_grad_buffer()
     layout = batches[0].layout
