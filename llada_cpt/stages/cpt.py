@@ -106,14 +106,16 @@ class CPTStage:
         L = cfg.data.seq_length
         cache = cfg.data.cache_dir
         num = t.train_steps * t.global_batch_size
-        self.train_ds = PackedDataset(src.train, L, seed=cfg.data.seed, num_samples=num,
-                                      cache_dir=None if cache is None else f"{cache}/index_cache")
+        index_cache = None if cache is None else f"{cache}/index_cache"
+        # without explicit validation data, hold out 2% of the training blend's documents
+        split = "100,0,0" if src.valid else "98,2,0"
+        self.train_ds = PackedDataset(src.train, L, seed=cfg.data.seed, num_samples=num, split=split,
+                                      cache_dir=index_cache)
         if src.valid:
-            self.valid_ds = PackedDataset(src.valid, L, seed=cfg.data.seed,
-                                          cache_dir=None if cache is None else f"{cache}/index_cache")
-        else:  # hold out the tail of the training blend's document split
-            self.valid_ds = PackedDataset(src.train, L, seed=cfg.data.seed, split="98,2,0", split_name="valid",
-                                          cache_dir=None if cache is None else f"{cache}/index_cache")
+            self.valid_ds = PackedDataset(src.valid, L, seed=cfg.data.seed, cache_dir=index_cache)
+        else:
+            self.valid_ds = PackedDataset(src.train, L, seed=cfg.data.seed, split=split, split_name="valid",
+                                          cache_dir=index_cache)
         if self.train_ds.vocab_size > src.vocab_size:
             raise ConfigError(f"the training data was tokenized with a vocabulary of {self.train_ds.vocab_size} "
                               f"tokens but the tokenizer has {src.vocab_size}; preprocess with this tokenizer")
