@@ -1,1 +1,22 @@
+"""Everything that monkey-patches Megatron-Core, each patch small and documented.
 
+* :mod:`megatron_patches.cpu`: run on CPU processes with gloo (no CUDA only).
+* :mod:`megatron_patches.te_absent`: defects of installs without Transformer Engine / apex.
+* :mod:`megatron_patches.checkpoint_args`: activation recomputation with our
+  non-tensor ``attention_mask`` (the AttentionLayout).
+
+Targets ``megatron-core>=0.16.1,<0.20``; :func:`apply` returns the names of the
+patches applied in this process, for the start-up log.
+"""
+from __future__ import annotations
+
+from typing import List
+
+__all__ = ["apply"]
+
+
+def apply() -> List[str]:
+    """Apply the patches this process needs (idempotent)."""
+    from . import checkpoint_args, cpu, te_absent
+
+    return cpu.apply() + te_absent.apply() + checkpoint_args.apply()

@@ -28,6 +28,7 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     attention_backend: str = "reference"  # reference | flex | cudnn | te | auto
+    recompute_granularity: Optional[str] = None  # None | full (every layer) | selective (core attention)
     # MoE (Megatron-Core MoE layer); num_experts None = dense
     num_experts: Optional[int] = None
     moe_router_topk: int = 2

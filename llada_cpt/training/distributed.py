@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,7 +46,7 @@ class ParallelInfo:
     ep: int
     dp: int
     backend: str
-    cpu_patches: tuple = ()
+    megatron_patches: tuple = ()  # names of the applied Megatron patches
 
 
 def device() -> torch.device:
@@ -128,7 +130,13 @@ def initialize(parallel_cfg: ParallelConfig, seed: int, backend: Optional[str] =
         context_parallel_size=p.context_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
     )
-    model_parallel_cuda_manual_seed(seed)
+    # Megatron-LM's rule: stages get their own seed (else their layers would start equal);
+    # TP ranks get theirs inside the tracker, DP replicas stay identical.
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
     info = ParallelInfo(
         rank=dist.get_rank(),
         world_size=world,
@@ -139,7 +147,7 @@ def initialize(parallel_cfg: ParallelConfig, seed: int, backend: Optional[str] =
         ep=p.expert_model_parallel_size,
         dp=dp,
         backend=backend,
-        cpu_patches=tuple(patches),
+        megatron_patches=tuple(patches),
     )
     if info.rank == 0:
         log.info("parallel layout %s; megatron patches: %s", info, ", ".join(patches) or "none")

@@ -24,6 +24,7 @@ from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.wsd import WSDSchedule
 from ..errors import UserError
 from . import checkpoint as ckpt
+from . import nan_guard
 from .flops import device_peak_flops, step_flops
 from .logger import TrainLogger
 
@@ -181,21 +182,28 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
     from .signals import StopRequest
     from .step import forward_backward
 
+    stop = StopRequest.install()  # before the (possibly long) build: an early signal still stops cleanly
     run = build_run(cfg, stage)
     t = cfg.train
     save_dir = cfg.checkpoint.save_dir
     tb_dir = cfg.logging.tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
     logger = TrainLogger(t.train_steps, tb_dir, _is_logging_rank(),
                          (cfg.logging.peak_tflops * 1e12) if cfg.logging.peak_tflops else device_peak_flops(),
-                         dist.get_world_size() if dist.is_initialized() else 1, start_step=run.iteration)
+                         dist.get_world_size() if dist.is_initialized() else 1, start_step=run.iteration,
+                         jsonl_path=str(Path(save_dir) / "train_log.jsonl") if save_dir else None)
     if dist.get_rank() == 0 if dist.is_initialized() else True:
         print(f"llada-cpt {stage.name}: {dist.get_world_size() if dist.is_initialized() else 1} processes, "
               f"dp={run.dp_size}, {run.micro_batches_per_step} micro-batches/step, "
               f"{t.train_steps - run.iteration} steps to go", flush=True)
-    stop = StopRequest.install()
     history: list[dict] = []
     last: dict[str, Any] = {}
     prev_block = None
+    if cfg.logging.eval_interval and run.iteration == 0:  # the starting point of the validation curve
+        initial = validation_metrics(run, stage, run.wsd.block_size(0))
+        for k, v in initial.items():
+            logger.scalar(f"valid/{k}", v, 0)
+        _print("step 0: validation " + " | ".join(f"{k} {v:.4g}" for k, v in initial.items()))
+        last.update({f"initial_{k}": v for k, v in initial.items()})
     while run.iteration < t.train_steps:
         block = run.wsd.block_size(run.consumed_tokens)
         if block != prev_block:
@@ -208,18 +216,25 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
         run.optimizer.zero_grad()
         res = forward_backward(run.model_chunks, data.micro_batches, forward_only=False)
         vals = {"loss": res.loss, **res.aux_losses}
-        bad = not math.isfinite(vals["loss"])
+        # decided before optimizer.step(): in fp32/bf16 Megatron would apply a NaN update (see nan_guard)
+        loss_ok = math.isfinite(vals["loss"])
+        bad = not (loss_ok and nan_guard.grads_finite(run.model_chunks))
         grad_norm = float("nan")
         if not bad:
             ok, grad_norm, _ = run.optimizer.step()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            bad = not ok or not math.isfinite(grad_norm)
+            bad = not ok  # fp16 loss-scaler overflow: Megatron skipped the update itself
         if bad:
-            msg = (f"step {run.iteration}: non-finite loss {vals['loss']} / grad norm {grad_norm}; data indices "
-                   f"{data.data_indices[:16]}")
+            indices = nan_guard.describe_indices(nan_guard.global_data_indices(data.data_indices))
+            what = f"loss {vals['loss']}" if not loss_ok else "gradients"
+            msg = f"step {run.iteration + 1}: non-finite {what}; global batch data indices {indices}"
             if t.nan_policy == "stop":
-                raise FloatingPointError(msg + " -- stopping (train.nan_policy=stop); latest checkpoint is untouched")
-            _print(msg + " -- step skipped (train.nan_policy=skip)")
+                last_good = ckpt.latest_checkpoint(save_dir)
+                raise nan_guard.TrainingDiverged(
+                    f"{msg}; stopping (train.nan_policy=stop), `latest` still names "
+                    f"{last_good.name if last_good else 'no checkpoint'}; inspect those samples, lower train.lr "
+                    "or resume with train.nan_policy=skip")
+            _print(msg + " -- step skipped (train.nan_policy=skip): no update, batch consumed")
         run.scheduler.step(increment=1)
         run.iteration += 1
         run.consumed_tokens += run.tokens_per_step
@@ -232,10 +247,11 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
         if run.iteration % cfg.logging.log_interval == 0 or run.iteration == t.train_steps:
             lr = run.optimizer.param_groups[0]["lr"]
             logger.flush(run.iteration, run.consumed_tokens, block, lr)
+        stop_now = stop.requested  # collective: every rank evaluates it once per step
         metrics = None
         eval_due = cfg.logging.eval_interval and run.iteration % cfg.logging.eval_interval == 0
         save_due = save_dir and ((cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0)
-                                 or run.iteration == t.train_steps or stop.requested)
+                                 or run.iteration == t.train_steps or stop_now)
         if eval_due or save_due:
             metrics = validation_metrics(run, stage, block)
             for k, v in metrics.items():
@@ -248,8 +264,9 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
                                         {**(metrics or {}), "consumed_tokens": run.consumed_tokens})
             ckpt.apply_retention(save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
             _print(f"saved checkpoint {path}")
-        if stop.requested:
-            _print(f"stop requested by signal {stop.signame}: checkpoint saved at step {run.iteration}, exiting")
+        if stop_now and run.iteration < t.train_steps:
+            saved = f"checkpoint saved at step {run.iteration}" if save_dir else "no checkpoint.save_dir, nothing saved"
+            _print(f"stop requested by {stop.signame}: {saved}, exiting")
             logger.close()
             last.update(stopped=True, history=history, iteration=run.iteration)
             return last

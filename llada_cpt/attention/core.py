@@ -1,0 +1,167 @@
+"""Block-diffusion core attention: a drop-in for Megatron's ``DotProductAttention``.
+
+Megatron's ``SelfAttention`` projects q/k/v, applies QK-norm and then calls its
+``core_attention`` submodule with ``attention_mask``.  We swap that submodule for
+:class:`BlockDiffusionAttention`, which receives an
+:class:`~llada_cpt.diffusion.layout.AttentionLayout` (the mask *description*) in
+``attention_mask``, applies RoPE with the layout's document-restarting positions
+(the model is built with ``position_embedding_type="none"``) and hands
+``[b, heads, s, d]`` tensors to a backend chosen by name.
+
+Backends are plain callables ``fn(q, k, v, layout, softmax_scale) -> out`` with
+``q`` ``[b, hq, Sq, d]`` and ``k``/``v`` ``[b, hkv, Sk, d]`` (GQA is the backend's
+business) returning ``[b, hq, Sq, d]``; they live in :data:`ATTENTION_BACKENDS`.
+``reference`` is built in; the fused ones (flex, cudnn, te) and ``auto`` are
+resolved by ``kernels.registry``, which checks that they can train here.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from ..diffusion.layout import AttentionLayout
+from ..errors import ConfigError
+from .reference import reference_attention
+from .rope import apply_rotary, rotary_cos_sin
+
+__all__ = [
+    "AttentionBackend",
+    "ATTENTION_BACKENDS",
+    "register_backend",
+    "resolve_backend",
+    "BlockDiffusionAttention",
+    "block_diffusion_attention_class",
+]
+
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionLayout, float], torch.Tensor]
+
+ATTENTION_BACKENDS: Dict[str, AttentionBackend] = {"reference": reference_attention}
+
+
+def register_backend(name: str, fn: AttentionBackend) -> None:
+    """Make ``fn`` available as ``model.attention_backend=name``."""
+    ATTENTION_BACKENDS[name] = fn
+
+
+def resolve_backend(name: str) -> AttentionBackend:
+    """The backend called ``name``; fused ones and ``auto`` are resolved by ``kernels.registry``.
+
+    That registry checks that the kernel can train on this device (ConfigError
+    with the fix otherwise) and picks the fastest available one for ``auto``
+    (``reference`` on CPU).
+    """
+    if name in ATTENTION_BACKENDS:
+        return ATTENTION_BACKENDS[name]
+    try:
+        from kernels import registry
+    except ImportError:  # the GPU kernels are not installed: only the reference exists
+        if name == "auto":
+            return ATTENTION_BACKENDS["reference"]
+        raise ConfigError(
+            f"attention backend `{name}` needs the `kernels` package next to llada_cpt (not importable "
+            "here); set model.attention_backend to reference or auto"
+        ) from None
+    return registry.resolve(name, ATTENTION_BACKENDS)
+
+
+class BlockDiffusionAttention(MegatronModule):
+    """Core attention over an :class:`AttentionLayout` (same signature as ``DotProductAttention``).
+
+    Inputs ``query`` ``[Sq, b, heads/tp, d]``, ``key``/``value`` ``[Sk, b, groups/tp, d]``
+    (after QK-norm, before RoPE); output ``[Sq, b, heads/tp * d]``.  Queries are the
+    local tokens of the layout (all of them without context parallelism) and keys
+    must cover the whole sequence.  Subclasses made by
+    :func:`block_diffusion_attention_class` fix the backend and the RoPE base.
+    """
+
+    backend_name: str = "reference"
+    rotary_base: float = 10000.0
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        # Unlike DotProductAttention there is no `context_parallel_size == 1` assert:
+        # context parallelism of the block-diffusion mask is ours (llada_cpt.parallel).
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ConfigError(f"attention dropout {dropout} is not supported by block-diffusion attention; set 0")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.head_dim = config.kv_channels
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp)
+        self.num_groups_per_partition = divide(config.num_query_groups, tp)
+        self.hidden_size_per_partition = self.num_heads_per_partition * self.head_dim
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.backend = resolve_backend(self.backend_name)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: AttentionLayout,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if not isinstance(attention_mask, AttentionLayout):
+            raise TypeError(
+                "BlockDiffusionAttention needs an AttentionLayout in `attention_mask` "
+                f"(got {type(attention_mask).__name__}); build batches with "
+                "llada_cpt.diffusion.build_diffusion_batch and pass batch.layout"
+            )
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("attention_bias / packed_seq_params are not used with an AttentionLayout")
+        layout = attention_mask
+        q_pos = layout.position_ids(local=True).to(query.device)
+        k_pos = q_pos if key.shape[0] == query.shape[0] else layout.position_ids(local=False).to(key.device)
+        if q_pos.shape != (query.shape[1], query.shape[0]):
+            raise ValueError(
+                f"attention layout has {q_pos.shape[1]} local tokens per sequence but the "
+                f"query has {query.shape[0]}"
+            )
+        cos, sin = rotary_cos_sin(q_pos, self.head_dim, self.rotary_base)
+        query = apply_rotary(query, cos, sin)
+        if k_pos is not q_pos:
+            cos, sin = rotary_cos_sin(k_pos, self.head_dim, self.rotary_base)
+        key = apply_rotary(key, cos, sin)
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self.backend(q, k, v, layout, self.softmax_scale)
+        # [b, h, s, d] -> [s, b, h * d]
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
+
+
+@functools.lru_cache(maxsize=None)
+def block_diffusion_attention_class(backend: str = "reference", rotary_base: float = 10000.0) -> type:
+    """A :class:`BlockDiffusionAttention` subclass with ``backend`` and ``rotary_base`` fixed.
+
+    Megatron instantiates ``core_attention`` itself (a class, not a ``ModuleSpec``
+    with params), so the per-model settings travel as class attributes.
+    """
+    resolve_backend(backend)  # fail at spec time with a clear message
+    return type(
+        f"BlockDiffusionAttention_{backend}",
+        (BlockDiffusionAttention,),
+        {"backend_name": backend, "rotary_base": float(rotary_base), "__module__": __name__},
+    )
