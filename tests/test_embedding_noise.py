@@ -46,6 +46,7 @@ def test_only_mask_tokens_of_xt_change(block_size):
     expected[:, :L] = batch.masked  # BDLM: x_t is the first half; MDLM: the whole input
     assert batch.masked.any() and torch.equal(changed, expected)
     assert torch.equal(out[~changed.transpose(0, 1)], emb[~changed.transpose(0, 1)])  # bit-identical
+    assert out.is_contiguous()  # pipeline send/recv of the embedding output requires it
     # the x_0 copy of a BDLM input never holds mask tokens; a causal (AR) input has no x_t at all
     causal = AttentionLayout(doc_ids=DOC_IDS, block_size=1, causal=True)
     assert not noised_positions(torch.full((2, L), MASK_ID), causal, MASK_ID).any()
@@ -119,3 +120,21 @@ def test_hook_follows_set_step_and_stops_after_configured_steps():
     assert torch.equal(model(batch.input_ids, batch.position_ids, attention_mask=batch.layout), outs[0])
     noise.detach()
     assert torch.equal(model(batch.input_ids, batch.position_ids, attention_mask=batch.layout), clean)
+
+
+def test_row_seeded_noise_is_independent_of_batch_split_and_cp_slice():
+    from llada_cpt.model.embedding_noise import layout_noise
+
+    doc = torch.zeros(3, 8, dtype=torch.long)
+    full = AttentionLayout(doc_ids=doc, block_size=4, row_seeds=torch.tensor([11, 22, 33]))
+    whole = layout_noise(full, step=5, hidden=6, device=torch.device("cpu"))  # [2L, b, h]
+    assert whole.shape == (16, 3, 6)
+    # the same sample in another micro-batch (another row position, other neighbours): same noise
+    alone = AttentionLayout(doc_ids=doc[1:2], block_size=4, row_seeds=torch.tensor([22]))
+    assert torch.equal(layout_noise(alone, 5, 6, torch.device("cpu"))[:, 0], whole[:, 1])
+    # a context-parallel rank holding positions {0, 1, 6, 7} of each half gets exactly those rows
+    local = alone.with_local_positions(torch.tensor([0, 1, 6, 7]))
+    expect = whole[:, 1][torch.tensor([0, 1, 6, 7, 8, 9, 14, 15])]
+    assert torch.equal(layout_noise(local, 5, 6, torch.device("cpu"))[:, 0], expect)
+    # another step draws other noise
+    assert not torch.equal(layout_noise(alone, 6, 6, torch.device("cpu")), layout_noise(alone, 5, 6, torch.device("cpu")))

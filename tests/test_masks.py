@@ -4,7 +4,7 @@ import torch
 
 from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.diffusion.masks import block_diffusion_mask, block_index, document_mask, document_positions
-from tests.conftest import random_doc_ids
+from conftest import random_doc_ids
 
 
 def naive_mask(doc, B):

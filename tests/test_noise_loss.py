@@ -8,7 +8,7 @@ from llada_cpt.diffusion.inputs import build_diffusion_batch
 from llada_cpt.diffusion.loss import elbo_weights, normalised_loss, weighted_loss_terms
 from llada_cpt.diffusion.masks import block_index, document_positions
 from llada_cpt.diffusion.noise import NoiseConfig, complementary_mask, sample_mask, sample_timesteps
-from tests.conftest import random_doc_ids
+from conftest import random_doc_ids
 
 MASK = 99
 

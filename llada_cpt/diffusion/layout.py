@@ -35,6 +35,9 @@ class AttentionLayout:
     mdlm: bool = False
     causal: bool = False
     local_positions: Optional[torch.Tensor] = None
+    # per-row seeds for the stochastic parts of the forward (masked-embedding noise), derived from
+    # each sample's global position so the noise does not depend on the DP / CP / micro-batch split
+    row_seeds: Optional[torch.Tensor] = None
 
     @property
     def seq_length(self) -> int:

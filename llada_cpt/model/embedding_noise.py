@@ -23,7 +23,7 @@ from ..config.schema import DiffusionConfig
 from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
 
-__all__ = ["noise_std", "noised_positions", "add_masked_embedding_noise", "EmbeddingNoise"]
+__all__ = ["noise_std", "noised_positions", "layout_noise", "add_masked_embedding_noise", "EmbeddingNoise"]
 
 
 def noise_std(step: int, std: float, steps: int, decay: str = "linear") -> float:
@@ -46,12 +46,29 @@ def noised_positions(input_ids: torch.Tensor, layout: AttentionLayout, mask_id: 
     return (input_ids == mask_id) & is_xt.unsqueeze(0)
 
 
+def layout_noise(layout: AttentionLayout, step: int, hidden: int, device: torch.device) -> torch.Tensor:
+    """Standard-normal noise ``[S_local, b, h]`` drawn per row from ``layout.row_seeds`` and ``step``.
+
+    Each row draws for the *global* input (``num_copies * L`` positions) and keeps
+    this rank's positions, so the noise of a sample is the same under any DP / CP
+    split or micro-batching.
+    """
+    index = layout.global_index(local=True).to(device)
+    rows = []
+    for seed in layout.row_seeds.tolist():
+        g = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + step * 10_007) % (2**63))
+        full = torch.randn(layout.num_copies * layout.seq_length, hidden, generator=g, device=device)
+        rows.append(full[index])
+    return torch.stack(rows, dim=1)
+
+
 def add_masked_embedding_noise(
     embeddings: torch.Tensor,
     positions: torch.Tensor,
     sigma: float,
     generator: Optional[torch.Generator] = None,
     sequence_offset: int = 0,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``embeddings`` ``[n, b, h]`` plus ``sigma * N(0, 1)`` where ``positions`` (``[b, S]``) is True.
 
@@ -62,10 +79,13 @@ def add_masked_embedding_noise(
         return embeddings
     n = embeddings.shape[0]
     full = (positions.shape[1],) + tuple(embeddings.shape[1:])
-    noise = torch.randn(full, generator=generator, dtype=torch.float32, device=embeddings.device)
+    if noise is None:  # ``noise``: a precomputed standard-normal draw of the full shape
+        noise = torch.randn(full, generator=generator, dtype=torch.float32, device=embeddings.device)
     noise = noise[sequence_offset : sequence_offset + n] * sigma
     where = positions[:, sequence_offset : sequence_offset + n].transpose(0, 1).unsqueeze(-1).to(embeddings.device)
-    return torch.where(where, (embeddings.float() + noise).to(embeddings.dtype), embeddings)
+    # contiguous: the transposed position mask would otherwise give a strided result, which
+    # pipeline-parallel send/recv (gloo, NCCL) rejects
+    return torch.where(where, (embeddings.float() + noise).to(embeddings.dtype), embeddings).contiguous()
 
 
 class EmbeddingNoise:
@@ -138,4 +158,7 @@ class EmbeddingNoise:
             from megatron.core import parallel_state
 
             offset = parallel_state.get_tensor_model_parallel_rank() * output.shape[0]
+        if self._layout.row_seeds is not None:
+            noise = layout_noise(self._layout, self.step, output.shape[-1], output.device)
+            return add_masked_embedding_noise(output, positions, sigma, sequence_offset=offset, noise=noise)
         return add_masked_embedding_noise(output, positions, sigma, self._generator(output.device), offset)

@@ -41,7 +41,9 @@ def make_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, positions: Sequence[
         eligible = torch.ones_like(tokens, dtype=torch.bool)
     seeds = [sample_seed(cfg.train.seed, p, salt) for p in positions]
     t, masked = sample_noise_per_row(doc_ids, eligible, block_size, noise_config(cfg), seeds)
-    return build_diffusion_batch(tokens, doc_ids, block_size, mask_id, eligible=eligible, t=t, masked=masked)
+    batch = build_diffusion_batch(tokens, doc_ids, block_size, mask_id, eligible=eligible, t=t, masked=masked)
+    batch.layout.row_seeds = torch.tensor(seeds, dtype=torch.long)
+    return batch
 
 
 def _parse_blend(entries: Sequence[str]) -> list:
