@@ -36,7 +36,8 @@ def _torch_adam_step_state() -> bool:
     drops ``step`` from the loaded tensors while ``_set_main_param_and_optimizer_states``
     still copies every state key, raising ``KeyError: 'step'``.  Also a fresh
     optimizer has no state yet, so building the state-dict template to load into
-    fails (``state_dict`` asserts one common ``step``).  We create zero Adam state
+    fails (``state_dict`` asserts one common ``step``), and so does saving before the
+    first update.  We create zero Adam state
     (own ``step`` per parameter) for that template, keep the current value for keys
     missing from the loaded shard and give each parameter its own ``step`` after
     loading.
@@ -52,7 +53,11 @@ def _torch_adam_step_state() -> bool:
     sharded_state_dict = cls.sharded_state_dict
 
     def sharded_state_dict_with_state(self, model_sharded_state_dict={}, is_loading=False, *args, **kwargs):
-        if is_loading and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        # loading: a template to load into; saving before the first step (e.g. every RL batch skipped):
+        # ``state_dict`` would assert on the empty state.  Zero moments with step 0 are exactly what
+        # AdamW creates lazily at its first step, so this changes no update.
+        fresh = not any(self.optimizer.state.values())
+        if (is_loading or fresh) and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             for group in self.optimizer.param_groups:
                 for param in group["params"]:
                     state = self.optimizer.state[param]

@@ -87,6 +87,67 @@ class DataConfig:
 
 
 @dataclass
+class PostTrainDataConfig:
+    """JSONL data of a post-training stage (``sft``, ``dpo``) and how it becomes packed sequences."""
+
+    data: List[str] = field(default_factory=list)  # JSONL files; empty: data.sft_data, or the bundled demo set
+    valid_data: List[str] = field(default_factory=list)  # empty: hold out every n-th packed sequence
+    valid_fraction: float = 0.05  # share of packed sequences held out when valid_data is empty
+    chat_template: str = "auto"  # auto | tokenizer | plain | chatml | raw
+    overlong: str = "drop"  # drop | truncate | error (samples longer than data.seq_length)
+    pad_loss: bool = True  # the EOD padding up to a whole block carries loss
+    block_size: Optional[int] = None  # None: the init checkpoint's final WSD block size, else the schedule's last
+
+
+@dataclass
+class SFTConfig(PostTrainDataConfig):
+    """``llada-cpt sft``: batch sizes count packed sequences (each becomes 2 rows with complementary)."""
+
+    complementary: bool = True  # each sequence also trains with the inverse mask over its response tokens
+    cap_lambda: Optional[float] = None  # CAP: None = plain SFT; 0 logs the confidence term without training it
+
+
+@dataclass
+class DPOConfig(PostTrainDataConfig):
+    """``llada-cpt dpo``: DPO on the block-diffusion ELBO; the loss is a mean over preference pairs."""
+
+    beta: float = 0.1
+    reference: str = "model"  # model (frozen copy on the same ranks) | precomputed (one pass, cached)
+    lr: Optional[float] = None  # None: the final LR of an SFT init checkpoint, else train.lr
+
+
+@dataclass
+class RLConfig:
+    """``llada-cpt rl``: trajectory-aware PPO / GRPO (TraceRL objective, DAPO dynamic sampling)."""
+
+    data: List[str] = field(default_factory=list)  # {question, ground_truth_answer} JSONL; empty: bundled arithmetic
+    prompt_template: str = "Question: {question}\nPut the final answer in \\boxed{{}}.\nAnswer: "
+    chat_template: str = "none"  # none (raw template text) | auto | plain | chatml
+    group_size: int = 4  # G rollouts per prompt
+    groups_per_step: int = 4  # informative groups per optimizer step (global, split over DP ranks)
+    max_oversample: float = 3.0  # draw at most groups_per_step * max_oversample groups per step
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
+    # rollout; the block size must equal the training block size (diffusion.block_schedule)
+    block_size: int = 4
+    threshold: float = 0.9
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    max_steps_per_block: Optional[int] = None
+    # objective
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0  # > 0: k3 KL to a frozen copy of the starting checkpoint
+    entropy_coef: float = 0.0
+    max_forwards: Optional[int] = None  # bound on trajectory forwards per rollout (merges steps beyond it)
+    old_logprobs: str = "recompute"  # recompute (forward pass before the update) | rollout (sampler's own)
+    # rewards
+    correctness_weight: float = 1.0
+    format_weight: float = 0.0
+    speed_reward: bool = False
+
+
+@dataclass
 class TrainConfig:
     """Optimisation; learning-rate schedule uses Megatron's OptimizerParamScheduler."""
 
@@ -139,3 +200,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)

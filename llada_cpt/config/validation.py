@@ -8,6 +8,45 @@ from .schema import Config
 
 BACKENDS = ("reference", "flex", "cudnn", "te", "auto")
 LR_STYLES = ("constant", "linear", "cosine", "WSD")
+DPO_REFERENCES = ("model", "precomputed")
+
+
+def _post_training_problems(cfg: Config) -> list[str]:
+    """Checks of the ``sft`` / ``dpo`` section of the stage being run."""
+    if cfg.stage not in ("sft", "dpo"):
+        return []
+    from ..data.chat import TEMPLATES
+    from ..data.sft import OVERLONG_POLICIES
+
+    name = cfg.stage
+    s = getattr(cfg, name)
+    out: list[str] = []
+    if not (s.data or cfg.data.sft_data or cfg.data.demo):
+        out.append(f"no {name.upper()} data: set {name}.data=[file.jsonl] (or data.sft_data), "
+                   "or data.demo=true for the bundled demo set")
+    if s.chat_template not in TEMPLATES:
+        out.append(f"{name}.chat_template `{s.chat_template}` is not one of {', '.join(TEMPLATES)}")
+    if s.overlong not in OVERLONG_POLICIES:
+        out.append(f"{name}.overlong `{s.overlong}` is not one of {', '.join(OVERLONG_POLICIES)}")
+    if not 0 < s.valid_fraction < 1:
+        out.append(f"{name}.valid_fraction={s.valid_fraction} must be in (0, 1)")
+    L = cfg.data.seq_length
+    if s.block_size is not None and (s.block_size < 1 or L % s.block_size):
+        out.append(f"{name}.block_size={s.block_size} does not divide data.seq_length={L}; use a divisor of {L}")
+    if name == "sft" and s.cap_lambda is not None and s.cap_lambda < 0:
+        out.append(f"sft.cap_lambda={s.cap_lambda} must be >= 0 (or null to turn CAP off)")
+    if name == "dpo":
+        if s.beta <= 0:
+            out.append(f"dpo.beta={s.beta} must be > 0")
+        if s.reference not in DPO_REFERENCES:
+            out.append(f"dpo.reference `{s.reference}` is not one of {', '.join(DPO_REFERENCES)}")
+        if s.lr is not None and s.lr <= 0:
+            out.append(f"dpo.lr={s.lr} must be > 0 (or null for the SFT checkpoint's final rate)")
+        d = cfg.diffusion
+        if d.embedding_noise_steps > 0 and d.embedding_noise_std > 0:
+            out.append("DPO compares policy and reference on identical inputs: set "
+                       "diffusion.embedding_noise_steps=0 (masked-embedding noise is for CPT)")
+    return out
 
 
 def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
@@ -41,6 +80,11 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
             out.append(f"model.num_experts={m.num_experts} is not divisible by parallel.expert_model_parallel_size={ep}")
         if not 1 <= m.moe_router_topk <= m.num_experts:
             out.append(f"model.moe_router_topk={m.moe_router_topk} must be in [1, num_experts={m.num_experts}]")
+        if tp > 1 and not p.sequence_parallel:
+            out.append(f"an MoE model with parallel.tensor_model_parallel_size={tp} needs "
+                       "parallel.sequence_parallel=true (Megatron-Core's MoE layer refuses tensor parallelism "
+                       "without it in training; it needs Transformer Engine on GPU); or shard the experts with "
+                       "parallel.expert_model_parallel_size and keep tensor_model_parallel_size=1")
     if m.attention_backend not in BACKENDS:
         out.append(f"model.attention_backend `{m.attention_backend}` is not one of {', '.join(BACKENDS)}")
     if p.sequence_parallel and tp == 1:
@@ -73,6 +117,12 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
         out.append(f"train.nan_policy must be skip or stop, got `{t.nan_policy}`")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
         out.append("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if cfg.stage == "rl":
+        wrong = sorted({p[0] for p in d.block_schedule if len(p) == 2 and p[0] != cfg.rl.block_size})
+        if wrong:
+            out.append(f"the training block size {wrong[0]} (diffusion.block_schedule) differs from the rollout block "
+                       f"size rl.block_size={cfg.rl.block_size}; trajectories would be trained on contexts the sampler "
+                       f"never saw. Set diffusion.block_schedule=[[{cfg.rl.block_size}, 1]] or change rl.block_size")
     if world_size is not None and not out:
         model_parallel = tp * pp * cp
         if world_size % model_parallel:
@@ -88,6 +138,7 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
                            f"= {dp * cp}")
     if not (data.demo or data.train_data or cfg.stage != "cpt"):
         out.append("no training data: set data.train_data (indexed dataset prefixes) or data.demo=true")
+    out += _post_training_problems(cfg)
     return out
 
 

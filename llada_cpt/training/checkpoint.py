@@ -166,28 +166,6 @@ def save_checkpoint(
     return final
 
 
-def _fix_shared_step_state(optimizer: Any) -> None:
-    """Give every parameter its own Adam ``step`` tensor.
-
-    After a dist-checkpoint load the per-parameter ``step`` of the torch AdamW
-    fallback can alias one tensor; the first ``step()`` then increments it once
-    per parameter, silently breaking bit-exact resume (DESIGN section 3).
-    """
-    stack, seen = [optimizer], set()
-    while stack:
-        opt = stack.pop()
-        if id(opt) in seen or opt is None:
-            continue
-        seen.add(id(opt))
-        if isinstance(opt, torch.optim.Optimizer):
-            for st in opt.state.values():
-                if isinstance(st.get("step"), torch.Tensor):
-                    st["step"] = st["step"].clone()
-            continue
-        stack.extend(getattr(opt, "chained_optimizers", []))
-        stack.append(getattr(opt, "optimizer", None))
-
-
 def load_checkpoint(
     path: str | Path,
     model_chunks: List[torch.nn.Module],
@@ -211,8 +189,7 @@ def load_checkpoint(
         for i, m in enumerate(chunks):
             m.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-        _fix_shared_step_state(optimizer)
+        optimizer.load_state_dict(loaded["optimizer"])  # own Adam `step` per parameter: megatron_patches.te_absent
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
@@ -220,6 +197,41 @@ def load_checkpoint(
     if restore_rng and rng_file.is_file() and read_metrics(path).get("world_size") == world:
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return dict(loaded.get("state") or {})
+
+
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+def check_vocab(path: str | Path, vocab_size: int) -> None:
+    """Raise :class:`UserError` when checkpoint ``path`` was trained with a different vocabulary.
+
+    Megatron loads the embedding and output layers with ``allow_shape_mismatch``
+    (their padding legitimately differs between TP sizes), so a checkpoint of
+    another tokenizer would load silently, truncated or zero-padded.  Its row
+    count is its vocabulary padded to its own multiple (``config.yaml``); this
+    run's ``vocab_size`` padded to that multiple must give the same count.
+    Call it before :func:`load_checkpoint` with the tokenizer's vocabulary size.
+    """
+    import math
+
+    import yaml
+
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    tensor = meta.get(EMBEDDING_KEY)
+    if tensor is None:  # not a GPT checkpoint of ours (nothing to compare)
+        return
+    rows = int(tensor.global_shape[0])
+    saved = {}
+    cfg_file = Path(path) / "config.yaml"
+    if cfg_file.is_file():
+        saved = yaml.safe_load(cfg_file.read_text()) or {}
+    model, parallel = saved.get("model") or {}, saved.get("parallel") or {}
+    multiple = int(model.get("make_vocab_size_divisible_by") or 128) * int(parallel.get("tensor_model_parallel_size") or 1)
+    expected = int(math.ceil(vocab_size / multiple) * multiple)
+    if rows != expected:
+        raise UserError(f"checkpoint `{path}` has embeddings for {rows} tokens (a vocabulary padded to a multiple of "
+                        f"{multiple}) but this run's tokenizer has {vocab_size} tokens; use the tokenizer the "
+                        "checkpoint was trained with (data.tokenizer), or start without it")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -245,10 +257,15 @@ def apply_retention(save_dir: str | Path, keep_last: int, keep_best: int, metric
     latest = latest_checkpoint(save_dir)
     if latest is not None:
         keep.add(latest)
-    if keep_best > 0:
-        scored = [(read_metrics(p).get(metric), p) for p in ckpts]
-        scored = sorted((m, p) for m, p in scored if m is not None)
-        keep.update(p for _, p in scored[:keep_best])
+    if keep_best > 0:  # exactly what `llada-cpt merge --top-k` would pick (same scoring and tie-break)
+        from ..merge import MissingCheckpointError, select_top_k
+
+        for k in range(min(keep_best, len(ckpts)), 0, -1):  # fewer scored checkpoints than keep_best: all
+            try:
+                keep.update(c.path for c in select_top_k(save_dir, k, metric).chosen)
+                break
+            except MissingCheckpointError:
+                continue
     removed = [p for p in ckpts if p not in keep]
     for p in removed:
         shutil.rmtree(p)

@@ -35,6 +35,7 @@ class StepData:
 
     micro_batches: list[DiffusionBatch]
     data_indices: list[int] = field(default_factory=list)  # logged when a step goes bad
+    skip_reason: Optional[str] = None  # the stage could not build a batch (RL dynamic sampling): no update
 
 
 class Stage(Protocol):
@@ -46,6 +47,9 @@ class Stage(Protocol):
         """Load tokenizer / data; return ``(vocab_size, mask_id)``."""
 
     def step_data(self, run: "Run", block_size: int) -> StepData: ...
+
+    # Optional: ``forward_backward(run, micro_batches, forward_only) -> StepResult`` replaces the
+    # default ELBO step (SFT: complementary masks / CAP loss; DPO: reference pass + DPO loss).
 
     def eval_data(self, run: "Run", block_size: int) -> list[list[DiffusionBatch]]: ...
 
@@ -94,6 +98,8 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     validate(cfg, world_size=world)
     initialize(cfg.parallel, seed=cfg.train.seed)
     vocab_size, mask_id = stage.prepare(cfg)
+    # converted HF models may carry more embedding rows than the tokenizer has tokens (Qwen)
+    vocab_size = max(vocab_size, cfg.model.vocab_size or 0)
     if cfg.diffusion.mask_id is not None:
         mask_id = cfg.diffusion.mask_id
     if not 0 <= mask_id < vocab_size:
@@ -143,10 +149,18 @@ def _loop_state(run: Run, stage: Stage) -> dict:
             "consumed_samples": run.consumed_samples, "wsd": run.wsd.state_dict(), "stage": stage.state_dict()}
 
 
-def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
-    """Validation loss / perplexity at ``block_size`` over the stage's fixed evaluation batches."""
+def run_step(run: Run, stage: Stage, batches: list[DiffusionBatch], forward_only: bool):
+    """One forward(/backward) pass: the stage's own step if it has one, else the ELBO step."""
+    custom = getattr(stage, "forward_backward", None)
+    if custom is not None:
+        return custom(run, batches, forward_only)
     from .step import forward_backward
 
+    return forward_backward(run.model_chunks, batches, forward_only=forward_only)
+
+
+def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
+    """Validation loss / perplexity at ``block_size`` over the stage's fixed evaluation batches."""
     for m in run.model_chunks:
         m.eval()
     if run.embedding_noise is not None:  # validation measures the clean model
@@ -154,7 +168,7 @@ def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
     total, count = 0.0, 0.0
     with torch.no_grad():
         for batches in stage.eval_data(run, block_size):
-            res = forward_backward(run.model_chunks, batches, forward_only=True)
+            res = run_step(run, stage, batches, forward_only=True)
             total += res.loss_sum
             count += res.num_eligible
     for m in run.model_chunks:
@@ -166,7 +180,13 @@ def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
 
 
 def validation_metrics(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
-    """Eval at the current block size and at the fixed reference block size (comparable across phases)."""
+    """Eval at the current block size and at the fixed reference block size (comparable across phases).
+
+    A stage with its own ``validate(run, block_size)`` (RL: greedy answer accuracy) replaces the ELBO.
+    """
+    custom = getattr(stage, "validate", None)
+    if custom is not None:
+        return custom(run, block_size)
     out = {}
     cur = evaluate(run, stage, block_size)
     out.update(val_loss=cur["loss"], val_ppl=cur["ppl"], val_block_size=block_size)
@@ -177,10 +197,49 @@ def validation_metrics(run: Run, stage: Stage, block_size: int) -> dict[str, flo
     return out
 
 
+def _update(run: Run, stage: Stage, data: StepData, block: int, logger: TrainLogger, history: list) -> None:
+    """Forward/backward, NaN guard, optimizer and scheduler step, counters and logging of one step."""
+    cfg, t = run.cfg, run.cfg.train
+    save_dir = cfg.checkpoint.save_dir
+    run.optimizer.zero_grad()
+    res = run_step(run, stage, data.micro_batches, forward_only=False)
+    vals = {"loss": res.loss, **res.aux_losses, **res.metrics}
+    # decided before optimizer.step(): in fp32/bf16 Megatron would apply a NaN update (see nan_guard)
+    loss_ok = math.isfinite(vals["loss"])
+    bad = not (loss_ok and nan_guard.grads_finite(run.model_chunks))
+    grad_norm = float("nan")
+    if not bad:
+        ok, grad_norm, _ = run.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        bad = not ok  # fp16 loss-scaler overflow: Megatron skipped the update itself
+    if bad:
+        indices = nan_guard.describe_indices(nan_guard.global_data_indices(data.data_indices))
+        what = f"loss {vals['loss']}" if not loss_ok else "gradients"
+        msg = f"step {run.iteration + 1}: non-finite {what}; global batch data indices {indices}"
+        if t.nan_policy == "stop":
+            last_good = ckpt.latest_checkpoint(save_dir)
+            raise nan_guard.TrainingDiverged(
+                f"{msg}; stopping (train.nan_policy=stop), `latest` still names "
+                f"{last_good.name if last_good else 'no checkpoint'}; inspect those samples, lower train.lr "
+                "or resume with train.nan_policy=skip")
+        _print(msg + " -- step skipped (train.nan_policy=skip): no update, batch consumed")
+    run.scheduler.step(increment=1)
+    run.iteration += 1
+    run.consumed_tokens += run.tokens_per_step
+    run.consumed_samples += t.global_batch_size
+    mask_ratio = sum(b.mask_ratio for b in data.micro_batches) / max(len(data.micro_batches), 1)
+    tokens = sum(b.input_ids.numel() for b in data.micro_batches) * run.dp_size
+    flops = step_flops(cfg.model, run.vocab_size, [b.layout for b in data.micro_batches]) * run.dp_size
+    logger.record({**vals, "grad_norm": grad_norm, "mask_ratio": mask_ratio, "skipped": float(bad)}, tokens, flops)
+    history.append({"step": run.iteration, "loss": vals["loss"], "block_size": block})
+    if run.iteration % cfg.logging.log_interval == 0 or run.iteration == t.train_steps:
+        lr = run.optimizer.param_groups[0]["lr"]
+        logger.flush(run.iteration, run.consumed_tokens, block, lr)
+
+
 def train(cfg: Config, stage: Stage) -> dict[str, Any]:
     """Run a stage to ``train.train_steps``; returns the last logged values (for tests and scripts)."""
     from .signals import StopRequest
-    from .step import forward_backward
 
     stop = StopRequest.install()  # before the (possibly long) build: an early signal still stops cleanly
     run = build_run(cfg, stage)
@@ -213,40 +272,12 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
         if run.embedding_noise is not None:
             run.embedding_noise.set_step(run.iteration)
         data = stage.step_data(run, block)
-        run.optimizer.zero_grad()
-        res = forward_backward(run.model_chunks, data.micro_batches, forward_only=False)
-        vals = {"loss": res.loss, **res.aux_losses}
-        # decided before optimizer.step(): in fp32/bf16 Megatron would apply a NaN update (see nan_guard)
-        loss_ok = math.isfinite(vals["loss"])
-        bad = not (loss_ok and nan_guard.grads_finite(run.model_chunks))
-        grad_norm = float("nan")
-        if not bad:
-            ok, grad_norm, _ = run.optimizer.step()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            bad = not ok  # fp16 loss-scaler overflow: Megatron skipped the update itself
-        if bad:
-            indices = nan_guard.describe_indices(nan_guard.global_data_indices(data.data_indices))
-            what = f"loss {vals['loss']}" if not loss_ok else "gradients"
-            msg = f"step {run.iteration + 1}: non-finite {what}; global batch data indices {indices}"
-            if t.nan_policy == "stop":
-                last_good = ckpt.latest_checkpoint(save_dir)
-                raise nan_guard.TrainingDiverged(
-                    f"{msg}; stopping (train.nan_policy=stop), `latest` still names "
-                    f"{last_good.name if last_good else 'no checkpoint'}; inspect those samples, lower train.lr "
-                    "or resume with train.nan_policy=skip")
-            _print(msg + " -- step skipped (train.nan_policy=skip): no update, batch consumed")
-        run.scheduler.step(increment=1)
-        run.iteration += 1
-        run.consumed_tokens += run.tokens_per_step
-        run.consumed_samples += t.global_batch_size
-        mask_ratio = sum(b.mask_ratio for b in data.micro_batches) / max(len(data.micro_batches), 1)
-        tokens = sum(b.input_ids.numel() for b in data.micro_batches) * run.dp_size
-        flops = step_flops(cfg.model, run.vocab_size, [b.layout for b in data.micro_batches]) * run.dp_size
-        logger.record({**vals, "grad_norm": grad_norm, "mask_ratio": mask_ratio, "skipped": float(bad)}, tokens, flops)
-        history.append({"step": run.iteration, "loss": vals["loss"], "block_size": block})
-        if run.iteration % cfg.logging.log_interval == 0 or run.iteration == t.train_steps:
-            lr = run.optimizer.param_groups[0]["lr"]
-            logger.flush(run.iteration, run.consumed_tokens, block, lr)
+        if data.skip_reason is not None:  # agreed on every rank by the stage: no update, the step is consumed
+            _print(f"step {run.iteration}: skipped, no update ({data.skip_reason})")
+            run.iteration += 1
+            logger.scalar("train/skipped_batches", 1.0, run.iteration)
+        else:
+            _update(run, stage, data, block, logger, history)
         stop_now = stop.requested  # collective: every rank evaluates it once per step
         metrics = None
         eval_due = cfg.logging.eval_interval and run.iteration % cfg.logging.eval_interval == 0
