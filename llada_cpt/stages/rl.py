@@ -135,8 +135,10 @@ class RLStage:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         r = cfg.rl
-        if r.old_logprobs not in ("recompute", "rollout"):
-            raise ConfigError(f"rl.old_logprobs must be recompute or rollout, got `{r.old_logprobs}`")
+        if r.old_logprobs != "recompute":
+            raise ConfigError(f"rl.old_logprobs=`{r.old_logprobs}` is not available: the sampler does not record "
+                              "token log-probs at rollout yet; use rl.old_logprobs=recompute (exact when "
+                              "rl.max_forwards does not merge steps)")
         self.ppo = PPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef, entropy_coef=r.entropy_coef)
         self.reward = RewardFunction(RewardConfig(correctness_weight=r.correctness_weight,
                                                   format_weight=r.format_weight, speed=r.speed_reward))

@@ -5,7 +5,9 @@ micro-batches (:class:`~llada_cpt.diffusion.inputs.DiffusionBatch`, built from t
 same data and seed).  The loss function returns ``(sum(w * CE), num_eligible)``
 per micro-batch; with ``calculate_per_token_loss`` Megatron sums both over
 micro-batches, broadcasts the count over PP, all-reduces it over DP x CP and
-divides the gradients by it in ``finalize_model_grads``.  Hence loss and
+divides the gradients by it in ``finalize_model_grads``.  Under context
+parallelism each CP rank keeps its positions of every micro-batch
+(``parallel/cp_batch.py``) and reports its local terms.  Hence loss and
 gradients are those of ``sum(w * CE) / eligible`` over the *global* batch,
 whatever the DP / PP / TP / grad-accumulation split (``diffusion/loss.py``).
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,9 +32,10 @@ from megatron.core.utils import get_model_config
 
 from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.loss import normalised_loss, weighted_loss_terms
+from ..parallel.cp_batch import split_batch
 from .distributed import device as current_device
 
-__all__ = ["StepResult", "forward_backward", "batch_to_device"]
+__all__ = ["StepResult", "StepLoss", "ELBO_LOSS", "forward_backward", "batch_to_device"]
 
 
 @dataclass
@@ -45,6 +48,33 @@ class StepResult:
     num_masked: int
     num_microbatches: int
     aux_losses: Dict[str, float] = field(default_factory=dict)  # mean per MoE layer and micro-batch
+    metrics: Dict[str, float] = field(default_factory=dict)  # the StepLoss's metrics over the global batch
+    outputs: List[dict] = field(default_factory=list)  # raw loss reports per micro-batch (last PP stage only)
+
+
+LossFunc = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """How a stage turns a micro-batch's model output into Megatron's ``(sum, count, report)``.
+
+    ``make(batch)`` returns the loss function of one micro-batch (``batch`` is
+    already on the device and, under CP, this rank's share).  Its ``report`` must
+    hold ``"loss_terms"`` = float64 ``[loss sum, count, masked tokens]`` and, when
+    ``metric_names`` is not empty, ``"metric_sums"`` = float64 ``[len(metric_names)]``;
+    both are summed over micro-batches and DP x CP ranks, and ``finalize`` turns
+    the global sums into the logged :attr:`StepResult.metrics` (so ratios of sums
+    stay independent of the parallel layout).  Other report entries are handed
+    back unreduced in :attr:`StepResult.outputs`.  ``logits=True`` calls the model
+    without labels: the loss function then gets the vocab-parallel logits
+    ``[b, S, V/tp]`` instead of the per-token cross entropy ``[b, S]``.
+    """
+
+    make: Callable[[DiffusionBatch], LossFunc]
+    logits: bool = False
+    metric_names: Tuple[str, ...] = ()
+    finalize: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None
 
 
 def batch_to_device(batch: DiffusionBatch, device: torch.device) -> DiffusionBatch:
@@ -73,22 +103,31 @@ def _loss_func(batch: DiffusionBatch, token_loss: torch.Tensor):
     return total, count, {"loss_terms": report}
 
 
-def _forward_step(device: torch.device, data_iterator, model):
-    batch = batch_to_device(next(data_iterator), device)
+ELBO_LOSS = StepLoss(make=lambda batch: partial(_loss_func, batch))
+"""The default: ``sum(w * CE) / eligible tokens`` (``diffusion/loss.py``)."""
+
+
+def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
+    # context parallelism: every CP rank holds the full micro-batch and keeps its positions
+    batch = split_batch(next(data_iterator), parallel_state.get_context_parallel_world_size(),
+                        parallel_state.get_context_parallel_rank())
+    batch = batch_to_device(batch, device)
     output = model(
         batch.input_ids,
         batch.layout.position_ids(local=True),
         attention_mask=batch.layout,
-        labels=batch.labels,
+        labels=None if loss.logits else batch.labels,
     )
-    return output, partial(_loss_func, batch)
+    return output, loss.make(batch)
 
 
-def _global_terms(store: List[dict]) -> torch.Tensor:
-    """Sum the micro-batch terms on the last stage, reduce over DP x CP, share over PP."""
-    terms = torch.zeros(3, dtype=torch.float64, device=current_device())
+def _global_terms(store: List[dict], num_metrics: int = 0) -> torch.Tensor:
+    """Sum the micro-batch terms (and metric sums) on the last stage, reduce over DP x CP, share over PP."""
+    terms = torch.zeros(3 + num_metrics, dtype=torch.float64, device=current_device())
     for item in store:
-        terms += item["loss_terms"].to(terms.device)
+        terms[:3] += item["loss_terms"].to(terms.device)
+        if num_metrics:
+            terms[3:] += item["metric_sums"].to(terms.device)
     dist.all_reduce(terms, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(
@@ -119,7 +158,10 @@ def _moe_aux_losses(config, num_microbatches: int) -> Dict[str, float]:
 
 
 def forward_backward(
-    model_chunks: Sequence[torch.nn.Module], batches: Sequence[DiffusionBatch], forward_only: bool = False
+    model_chunks: Sequence[torch.nn.Module],
+    batches: Sequence[DiffusionBatch],
+    forward_only: bool = False,
+    loss_fn: Optional[StepLoss] = None,
 ) -> StepResult:
     """Run all micro-batches of one global batch through Megatron's schedule.
 
@@ -127,7 +169,9 @@ def forward_backward(
     Megatron DDP for training (``wrap_ddp``); gradients end in ``param.main_grad``,
     already reduced and normalised, ready for ``optimizer.step()``.  DDP grad
     buffers are zeroed first (the optimizer's own ``zero_grad`` is the caller's).
+    ``loss_fn`` varies the loss per stage (default :data:`ELBO_LOSS`).
     """
+    loss = loss_fn or ELBO_LOSS
     if not batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     shape = tuple(batches[0].input_ids.shape)
@@ -153,7 +197,7 @@ def forward_backward(
     device = current_device()
     iterators = [iter(batches) for _ in chunks]
     store = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, device),
+        forward_step_func=partial(_forward_step, device, loss),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(batches),
@@ -161,7 +205,11 @@ def forward_backward(
         micro_batch_size=shape[0],
         forward_only=forward_only,
     )
-    total, count, masked = _global_terms(store).tolist()
+    terms = _global_terms(store, len(loss.metric_names)).tolist()
+    total, count, masked = terms[:3]
+    metrics = dict(zip(loss.metric_names, terms[3:]))
+    if loss.finalize is not None:
+        metrics = loss.finalize(metrics)
     return StepResult(
         loss=float(normalised_loss(torch.tensor(total), torch.tensor(count))),
         loss_sum=total,
@@ -169,4 +217,6 @@ def forward_backward(
         num_masked=int(masked),
         num_microbatches=len(batches),
         aux_losses=_moe_aux_losses(config, len(batches)) if not forward_only else {},
+        metrics=metrics,
+        outputs=list(store),
     )

@@ -1,0 +1,248 @@
+"""What the post-training stages (``sft``, ``dpo``) share.
+
+* :class:`InitCheckpoint`: the checkpoint ``train.init_from`` names, with the
+  config it was trained with: its tokenizer, final WSD block size, final
+  learning rate and model architecture are the defaults / checks of the next stage.
+* :func:`resolve_tokenizer`, :func:`resolve_block_size`, :func:`data_paths`.
+* :class:`PackedSplit`: packed JSONL sequences split into train / validation,
+  the epoch order of the training sequences and the rows of every micro-batch.
+  Row ``p`` of the run (a global sample position) is the same sequence with the
+  same noise whatever the data-parallel split, so loss and resume do not depend
+  on the layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..config.schema import Config, ModelConfig, PostTrainDataConfig
+from ..errors import ConfigError, DataError
+
+__all__ = ["say", "InitCheckpoint", "init_or_none", "resolve_tokenizer", "resolve_block_size", "data_paths",
+           "bundled_path", "PackedSplit", "collate_rows", "print_stats"]
+
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
+
+# settings that change kernels or memory, not the weights a checkpoint holds
+_NOT_ARCHITECTURE = {"preset", "attention_backend", "recompute_granularity", "moe_grouped_gemm",
+                     "moe_token_dispatcher_type"}
+
+
+def say(msg: str) -> None:
+    """Print once (rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+@dataclass(frozen=True)
+class InitCheckpoint:
+    """A checkpoint to start from and the resolved config saved with it (``None`` if it has none)."""
+
+    path: Path
+    config: Optional[dict]
+    iteration: int
+
+    @classmethod
+    def resolve(cls, init_from: Optional[str]) -> Optional["InitCheckpoint"]:
+        if not init_from:
+            return None
+        from ..training.checkpoint import read_metrics, resolve_checkpoint
+
+        path = resolve_checkpoint(init_from)
+        cfg_file = path / "config.yaml"
+        config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
+        return cls(path, config if isinstance(config, dict) else None, int(read_metrics(path).get("iteration", 0)))
+
+    def section(self, name: str) -> dict:
+        return dict((self.config or {}).get(name) or {})
+
+    @property
+    def stage(self) -> Optional[str]:
+        return (self.config or {}).get("stage")
+
+    @property
+    def final_block_size(self) -> Optional[int]:
+        """Block size of the last WSD phase (what the model was trained with at the end)."""
+        schedule = self.section("diffusion").get("block_schedule")
+        return int(schedule[-1][0]) if schedule else None
+
+    def final_lr(self) -> Optional[float]:
+        """The learning rate the run would have used next (its scheduler at ``iteration``)."""
+        if not self.config or "train" not in self.config:
+            return None
+        from ..config.loader import config_from_dict
+        from ..training.optimizer import build_scheduler
+
+        try:
+            cfg = config_from_dict({"train": self.config["train"]})
+        except ConfigError:
+            return None
+        fake = types.SimpleNamespace(param_groups=[{}])  # the scheduler only writes param_groups[i]["lr"]
+        sched = build_scheduler(cfg, fake)
+        sched.step(increment=self.iteration)
+        return float(fake.param_groups[0]["lr"])
+
+    def model_differences(self, model: ModelConfig) -> List[str]:
+        """``field: ours vs checkpoint`` for every architecture field that differs."""
+        theirs = self.section("model")
+        if not theirs:
+            return []
+        ours = dataclasses.asdict(model)
+        return [f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in ours
+                if k not in _NOT_ARCHITECTURE and k in theirs and ours[k] != theirs[k]]
+
+    def check_model(self, model: ModelConfig) -> None:
+        diff = self.model_differences(model)
+        if diff:
+            raise ConfigError(f"the model section differs from the one {self.path} was trained with "
+                              f"({'; '.join(diff)}); use that checkpoint's model settings")
+
+
+def resolve_tokenizer(cfg: Config, init: Optional[InitCheckpoint]):
+    """``data.tokenizer``, the demo tokenizer (``data.demo``), or the init checkpoint's own."""
+    from ..data.tokenizer import Tokenizer
+
+    d = cfg.data
+    theirs = init.section("data") if init else {}
+    if d.tokenizer:
+        path = d.tokenizer
+    elif d.demo or (theirs.get("demo") and not theirs.get("tokenizer")):
+        from ..data.demo_corpus import ensure_demo_data
+
+        path = ensure_demo_data(d.cache_dir if d.demo else theirs.get("cache_dir")).tokenizer_path
+    elif theirs.get("tokenizer"):
+        path = theirs["tokenizer"]
+    else:
+        raise ConfigError("no tokenizer: set data.tokenizer (the one the init checkpoint was trained with) "
+                          "or data.demo=true")
+    return Tokenizer.from_file(path)
+
+
+def resolve_block_size(stage: str, cfg: Config, init: Optional[InitCheckpoint]) -> tuple[int, str]:
+    """``(block size, where it came from)``: ``<stage>.block_size``, else the init checkpoint's
+    final WSD block size (capped at ``seq_length``: MDLM stays MDLM), else the last phase of
+    ``diffusion.block_schedule``.  Post-training packs samples to whole blocks of this size."""
+    L = cfg.data.seq_length
+    explicit = getattr(cfg, stage).block_size
+    if explicit:
+        return explicit, f"{stage}.block_size"
+    final = init.final_block_size if init else None
+    if final:
+        block = min(final, L)
+        if L % block:
+            raise ConfigError(f"the init checkpoint's final block size {final} does not divide data.seq_length={L}; "
+                              f"set {stage}.block_size to a divisor of {L}")
+        return block, f"the final WSD block size of {init.path}"
+    return min(cfg.diffusion.block_schedule[-1][0], L), "diffusion.block_schedule"
+
+
+def bundled_path(name: str) -> str:
+    return str(BUNDLED / name)
+
+
+def data_paths(section: PostTrainDataConfig, cfg: Config, stage: str, bundled: str) -> List[str]:
+    """``<stage>.data``, else ``data.sft_data``, else (``data.demo``) the bundled demo file."""
+    if section.data:
+        return list(section.data)
+    if cfg.data.sft_data:
+        return [cfg.data.sft_data]
+    if cfg.data.demo:
+        return [bundled_path(bundled)]
+    raise ConfigError(f"no {stage.upper()} data: set {stage}.data=[file.jsonl] or data.demo=true")
+
+
+def _empty_sequence(like: Dict[str, list], pad_id: int) -> Dict[str, list]:
+    """A row without loss: pad tokens in one document, nothing eligible (fills uneven batches)."""
+    L = len(like["tokens"])
+    fill = {"tokens": pad_id, "doc_ids": 0, "eligible": False, "sample_index": -1}
+    return {k: [fill[k]] * L for k in like}
+
+
+def collate_rows(sequences: Sequence[Dict[str, list]], rows: Sequence[Optional[int]], pad_id: int,
+                 collate) -> Dict[str, torch.Tensor]:
+    """Stack ``sequences[i]`` for each row (``None``: an empty row) with ``collate``."""
+    picked = [sequences[i] if i is not None else _empty_sequence(sequences[0], pad_id) for i in rows]
+    return collate(picked)
+
+
+@dataclass
+class PackedSplit:
+    """Packed sequences of a post-training stage, split into train / validation, and their order."""
+
+    train: List[Dict[str, list]]
+    valid: List[Dict[str, list]]
+    seed: int
+    _epoch: int = field(default=-1, repr=False)  # the epoch whose permutation is cached
+    _perm: List[int] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, train: List[Dict[str, list]], valid: Optional[List[Dict[str, list]]], fraction: float,
+              seed: int, what: str) -> "PackedSplit":
+        """Without validation data, every ``round(1 / fraction)``-th packed sequence is held out."""
+        if valid is None:
+            if len(train) < 2:
+                raise DataError(f"{what}: {len(train)} packed sequence(s) cannot be split into train and "
+                                "validation; add data or give validation data (valid_data)")
+            every = max(2, round(1 / fraction))
+            held = set(range(every - 1, len(train), every)) or {len(train) - 1}
+            valid = [s for i, s in enumerate(train) if i in held]
+            train = [s for i, s in enumerate(train) if i not in held]
+        return cls(train, valid, seed)
+
+    def index(self, position: int) -> tuple[int, int]:
+        """``(sequence index, epoch)`` of global sample position ``position``: each epoch is a fresh
+        seeded permutation, so long runs revisit the data in a new order."""
+        n = len(self.train)
+        epoch, offset = divmod(position, n)
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(n, generator=g).tolist()
+            self._epoch = epoch
+        return self._perm[offset], epoch
+
+    @staticmethod
+    def positions(base: int, micro: int, m: int, dp_rank: int, dp_size: int) -> range:
+        """Global sample positions of micro-batch ``micro`` of a step starting at ``base`` on ``dp_rank``."""
+        first = base + micro * m * dp_size + dp_rank * m
+        return range(first, first + m)
+
+    def eval_rows(self, m: int, dp_rank: int, dp_size: int, iters: int) -> List[List[Optional[int]]]:
+        """Validation rows per evaluation micro-batch (``None`` past the end: an empty row).
+
+        Every DP rank gets the same number of micro-batches; empty rows carry no
+        loss, so the validation loss is exactly that of the held-out sequences seen.
+        """
+        n = len(self.valid)
+        per_step = m * dp_size
+        steps = max(1, min(iters, -(-n // per_step)))
+        return [[i if i < n else None for i in self.positions(0, k, m, dp_rank, dp_size)] for k in range(steps)]
+
+    def state_dict(self) -> dict:
+        return {"train_sequences": len(self.train), "valid_sequences": len(self.valid)}
+
+    def check_state(self, state: dict, what: str) -> None:
+        n = state.get("train_sequences")
+        if n is not None and n != len(self.train):
+            say(f"note: the {what} data packs into {len(self.train)} training sequences, the checkpoint saw {n}; "
+                "the data position continues but the order differs from the original run")
+
+
+def print_stats(what: str, stats: Any, block: int, source: str, paths: Sequence[str]) -> None:
+    """The data report at start: counts of samples, truncated / dropped ones and bad lines."""
+    say(f"{what} data ({', '.join(paths)}; block size {block} from {source}): {stats.summary()}")
+
+
+def init_or_none(cfg: Config) -> Optional[InitCheckpoint]:
+    """The init checkpoint, checked against the model section."""
+    init = InitCheckpoint.resolve(cfg.train.init_from)
+    if init is not None:
+        init.check_model(cfg.model)
+    return init
+

@@ -1,0 +1,165 @@
+"""Stage ``sft`` (``llada-cpt sft``): supervised fine-tuning of a block-diffusion model.
+
+Data: ``{prompt, response}`` / ``{messages}`` JSONL (:mod:`llada_cpt.data.sft`);
+only response tokens (and the EOD padding to a whole block, ``sft.pad_loss``)
+carry loss; each sample is padded to a multiple of the block size and packed
+with document ids.  The block size is ``sft.block_size``, else the init
+checkpoint's final WSD block size, else the last phase of
+``diffusion.block_schedule``; the run then uses that one block size throughout.
+
+Noise: ``t`` in the mask-ratio band ``[diffusion.mask_ratio_min, mask_ratio_max]``
+per sequence or per block, seeded by the global sample position (independent of
+the data-parallel split and of restarts).  With ``sft.complementary`` each
+packed sequence is also trained with the inverse mask over its response tokens,
+in the same micro-batch (rows ``i`` and ``b + i``), so ``train.micro_batch_size``
+and ``global_batch_size`` count *sequences* and the model sees twice as many rows.
+
+Loss normalisation: every row's eligible tokens count, so
+
+    L = (sum over rows of w * CE  +  lambda * sum of H over masked, correctly predicted tokens)
+        / number of eligible tokens in all rows of the global batch
+
+i.e. ``L_conf`` (CAP, report eq. 6) is the entropy *per eligible token*, the same
+denominator as ``L_SFT``: it goes through Megatron's single per-token
+normalisation, so loss and gradients do not depend on the micro-batch / DP / CP
+split (an exact mean over correct tokens would need the global count before the
+backward pass).  Logged: ``sft_loss`` and ``cap_term`` (the two summands without
+lambda), ``cap_entropy`` (the exact mean entropy over the correct tokens) and
+``cap_correct`` (the fraction of masked tokens predicted correctly).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from ..config.schema import Config
+from ..data.sft import SFTDataConfig, collate_packed, load_sft_dataset
+from ..diffusion.cap import vocab_parallel_cap_confidence_terms
+from ..diffusion.inputs import DiffusionBatch, build_diffusion_batch
+from ..diffusion.loss import weighted_loss_terms
+from ..diffusion.noise import sample_noise_per_row
+from ..training.loop import Run, StepData
+from ..training.step import ELBO_LOSS, StepLoss, StepResult, forward_backward
+from .common import (PackedSplit, collate_rows, data_paths, init_or_none, print_stats, resolve_block_size,
+                     resolve_tokenizer, say)
+from .cpt import noise_config, sample_seed
+
+__all__ = ["SFTStage", "sft_loss", "main"]
+
+CAP_SUMS = ("sft_sum", "entropy_sum", "correct", "eligible", "masked")
+
+
+def _cap_loss_func(batch: DiffusionBatch, lam: float, logits: torch.Tensor):
+    """``(sum w*CE + lambda * sum H, eligible, report)`` from vocab-parallel logits ``[b, S, V/tp]``."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    entropy_sum, correct = vocab_parallel_cap_confidence_terms(logits, batch.labels, batch.loss_weight, group, start)
+    ce = vocab_parallel_cross_entropy(logits, batch.labels)  # last: it works in place on fp32 logits
+    sft_sum, count = weighted_loss_terms(ce, batch.loss_weight, batch.num_eligible)
+    total = sft_sum + lam * entropy_sum
+    masked = batch.masked.sum().double()
+    sums = torch.stack([sft_sum.detach().double(), entropy_sum.detach().double(), correct.double(), count.double(),
+                        masked])
+    report = torch.stack([total.detach().double(), count.double(), masked])
+    return total, count.to(torch.int), {"loss_terms": report, "metric_sums": sums}
+
+
+def _cap_metrics(s: Dict[str, float]) -> Dict[str, float]:
+    eligible = max(s["eligible"], 1.0)
+    return {"sft_loss": s["sft_sum"] / eligible, "cap_term": s["entropy_sum"] / eligible,
+            "cap_entropy": s["entropy_sum"] / max(s["correct"], 1.0), "cap_correct": s["correct"] / max(s["masked"], 1.0)}
+
+
+def sft_loss(cap_lambda: Optional[float]) -> StepLoss:
+    """The SFT step's loss: the plain ELBO (``None``), or ELBO + ``cap_lambda * L_conf`` from logits."""
+    if cap_lambda is None:
+        return ELBO_LOSS
+    return StepLoss(make=lambda batch: partial(_cap_loss_func, batch, float(cap_lambda)), logits=True,
+                    metric_names=CAP_SUMS, finalize=_cap_metrics)
+
+
+class SFTStage:
+    """Packed SFT sequences; loss on response tokens; complementary masks; optional CAP."""
+
+    name = "sft"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.loss = sft_loss(cfg.sft.cap_lambda)
+        self.position = 0  # global sample position of the next step
+        self.split: Optional[PackedSplit] = None
+        self.pad_id = 0
+
+    def prepare(self, cfg: Config) -> tuple[int, int]:
+        init = init_or_none(cfg)
+        tok = resolve_tokenizer(cfg, init)
+        block, source = resolve_block_size("sft", cfg, init)
+        cfg.diffusion.block_schedule = [[block, 1]]  # one block size for the whole run (saved with it)
+        s = cfg.sft
+        data_cfg = SFTDataConfig(cfg.data.seq_length, block, s.chat_template, s.overlong, s.pad_loss)
+        paths = data_paths(s, cfg, "sft", "sft_demo.jsonl")
+        train = load_sft_dataset(paths, tok, data_cfg)
+        print_stats("sft", train.stats, block, source, paths)
+        valid = None
+        if s.valid_data:
+            held = load_sft_dataset(s.valid_data, tok, data_cfg)
+            print_stats("sft validation", held.stats, block, source, s.valid_data)
+            valid = held.sequences
+        self.split = PackedSplit.build(train.sequences, valid, s.valid_fraction, cfg.data.seed, "sft data")
+        self.pad_id = tok.pad_id
+        cap = "off" if s.cap_lambda is None else f"lambda {s.cap_lambda}"
+        say(f"sft: {len(self.split.train)} training / {len(self.split.valid)} validation sequences of "
+            f"{cfg.data.seq_length} tokens; complementary masks {'on' if s.complementary else 'off'}; CAP {cap}")
+        return tok.vocab_size, tok.mask_id
+
+    def make_batch(self, sequences: List[dict], rows: Sequence[Optional[int]], positions: Sequence[int],
+                   block_size: int, mask_id: int, salt: str) -> DiffusionBatch:
+        """Noise the rows (seeded per position) and lay them out; complementary rows follow as ``b + i``."""
+        data = collate_rows(sequences, rows, self.pad_id, collate_packed)
+        noise = noise_config(self.cfg)
+        seeds = [sample_seed(self.cfg.train.seed, p, salt) for p in positions]
+        t, masked = sample_noise_per_row(data["doc_ids"], data["eligible"], block_size, noise, seeds)
+        return build_diffusion_batch(data["tokens"], data["doc_ids"], block_size, mask_id, noise=noise,
+                                     eligible=data["eligible"], t=t, masked=masked,
+                                     complementary=self.cfg.sft.complementary)
+
+    def step_data(self, run: Run, block_size: int) -> StepData:
+        m = self.cfg.train.micro_batch_size
+        batches, indices = [], []
+        for k in range(run.micro_batches_per_step):
+            positions = PackedSplit.positions(self.position, k, m, run.dp_rank, run.dp_size)
+            rows = [self.split.index(p)[0] for p in positions]
+            batches.append(self.make_batch(self.split.train, rows, positions, block_size, run.mask_id, "sft"))
+            indices.extend(rows)
+        self.position += self.cfg.train.global_batch_size
+        return StepData(batches, indices)
+
+    def eval_data(self, run: Run, block_size: int) -> list[list[DiffusionBatch]]:
+        """The held-out sequences with the same noise at every evaluation."""
+        m = self.cfg.train.micro_batch_size
+        out = []
+        for rows in self.split.eval_rows(m, run.dp_rank, run.dp_size, self.cfg.logging.eval_iters):
+            keys = [i if i is not None else -1 - j for j, i in enumerate(rows)]
+            out.append([self.make_batch(self.split.valid, rows, keys, block_size, run.mask_id, "sft-valid")])
+        return out
+
+    def forward_backward(self, run: Run, batches: List[DiffusionBatch], forward_only: bool) -> StepResult:
+        return forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, **(self.split.state_dict() if self.split else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+        if self.split is not None:
+            self.split.check_state(state, "sft")
+
+
+def main(argv=None) -> int:
+    from .launcher import stage_main
+
+    return stage_main(argv, "sft", "sft", SFTStage)
