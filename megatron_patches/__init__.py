@@ -4,6 +4,7 @@
 * :mod:`megatron_patches.te_absent`: defects of installs without Transformer Engine / apex.
 * :mod:`megatron_patches.checkpoint_args`: activation recomputation with our
   non-tensor ``attention_mask`` (the AttentionLayout).
+* :mod:`megatron_patches.moe_aux_loss`: MoE aux-loss gradient scale under CP / sequence parallelism.
 
 Targets ``megatron-core>=0.16.1,<0.20``; :func:`apply` returns the names of the
 patches applied in this process, for the start-up log.
@@ -17,6 +18,6 @@ __all__ = ["apply"]
 
 def apply() -> List[str]:
     """Apply the patches this process needs (idempotent)."""
-    from . import checkpoint_args, cpu, te_absent
+    from . import checkpoint_args, cpu, moe_aux_loss, te_absent
 
-    return cpu.apply() + te_absent.apply() + checkpoint_args.apply()
+    return cpu.apply() + te_absent.apply() + checkpoint_args.apply() + moe_aux_loss.apply()

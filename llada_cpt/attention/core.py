@@ -28,6 +28,7 @@ from megatron.core.utils import divide
 
 from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
+from ..parallel.cp_attention import gather_context_kv
 from .reference import reference_attention
 from .rope import apply_rotary, rotary_cos_sin
 
@@ -104,8 +105,9 @@ class BlockDiffusionAttention(MegatronModule):
         if pg_collection is None:
             from megatron.core.process_groups_config import ProcessGroupCollection
 
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        self.cp_group = getattr(pg_collection, "cp", None)  # K/V all-gather under context parallelism
         self.layer_number = max(1, layer_number)
         self.head_dim = config.kv_channels
         self.num_heads_per_partition = divide(config.num_attention_heads, tp)
@@ -124,6 +126,11 @@ class BlockDiffusionAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
+        # generation: a llada_cpt.inference.kv_cache.KVCache rides in `attention_mask` and does
+        # RoPE, the cached keys/values of committed blocks and the attention itself
+        cached_attention = getattr(attention_mask, "cached_attention", None)
+        if cached_attention is not None:
+            return cached_attention(self, query, key, value)
         if not isinstance(attention_mask, AttentionLayout):
             raise TypeError(
                 "BlockDiffusionAttention needs an AttentionLayout in `attention_mask` "
@@ -145,6 +152,8 @@ class BlockDiffusionAttention(MegatronModule):
         if k_pos is not q_pos:
             cos, sin = rotary_cos_sin(k_pos, self.head_dim, self.rotary_base)
         key = apply_rotary(key, cos, sin)
+        # context parallelism: this rank's queries need the (RoPE'd) keys/values of all tokens
+        key, value = gather_context_kv(key, value, layout, self.cp_group)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self.backend(q, k, v, layout, self.softmax_scale)

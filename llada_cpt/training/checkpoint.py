@@ -10,7 +10,8 @@ Layout of ``save_dir``::
     latest                 name of the newest complete checkpoint, replaced atomically, written last
 
 A crash at any point leaves ``latest`` pointing at a complete checkpoint.  The
-optimizer uses the ``fully_reshardable`` format so a checkpoint saved with one
+optimizer uses the ``fully_reshardable`` format, saved per role (dense / expert,
+:mod:`llada_cpt.parallel.expert_checkpoint`), so a checkpoint saved with one
 TP/PP/DP/EP layout loads into another.
 """
 from __future__ import annotations
@@ -29,10 +30,10 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from ..config.loader import dump_config
 from ..errors import UserError
+from ..parallel.expert_checkpoint import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
 from .distributed import unwrap
 
 LATEST = "latest"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -141,7 +142,7 @@ def save_checkpoint(
     _barrier()
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=OPTIM_METADATA)
+        sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, is_loading=False)
     sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sharded["state"] = state
     dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
@@ -180,7 +181,7 @@ def load_checkpoint(
                         "directory or a run directory with a `latest` file")
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=OPTIM_METADATA)
+        sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))  # also returns the common (non-sharded) items
     chunks = [unwrap(m) for m in model_chunks]
     if len(chunks) == 1:
@@ -189,7 +190,8 @@ def load_checkpoint(
         for i, m in enumerate(chunks):
             m.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])  # own Adam `step` per parameter: megatron_patches.te_absent
+        # per role (dense / expert) so EP sizes can change; own Adam `step` per parameter: te_absent patch
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
