@@ -1,0 +1,487 @@
+"""Streaming access to Megatron ``dist_checkpointing`` (torch_dist) checkpoints, one region at a time.
+
+``dist_checkpointing.save``/``load`` move a whole state dict at once and need a
+process group; offline tools (top-k merge, format conversion) must instead touch
+one tensor region at a time so that memory stays bounded by a few layers, never
+the model.  This module reads and writes the same on-disk format with
+``torch.distributed.checkpoint`` (DCP) storage readers/writers directly, in a
+single process, without initialising ``torch.distributed``.
+
+Format facts this relies on (checked with megatron-core 0.16.1 and torch 2.13; only public
+DCP classes are used):
+
+* ``metadata.json`` names the backends (``sharded_backend: torch_dist``);
+  ``common.pt`` is a ``torch.save`` of the non-sharded items; ``.metadata`` and
+  ``*.distcp`` are a plain DCP checkpoint.
+* DCP keys are Megatron ``ShardedTensor.key`` values *without* the state-dict
+  prefix: ``embedding.word_embeddings.weight``,
+  ``decoder.layers.mlp.linear_fc1.weight`` (all layers stacked on a leading axis,
+  one stored chunk per layer and TP/EP shard), ``optimizer.state.exp_avg.<...>``
+  for optimizer state.  ``ShardedObject`` values (e.g. ``..._extra_state``) are
+  byte items keyed ``<key>/shard_<offsets>_<shape>``.
+* Every chunk is stored in the *global* tensor's coordinates, so a region can be
+  assembled from any saved layout (TP=2 halves, per-layer chunks, ...).
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+from .errors import UserError
+
+__all__ = [
+    "CheckpointFormatError",
+    "Region",
+    "TensorInfo",
+    "TorchDistCheckpoint",
+    "OutputTensor",
+    "write_torch_dist",
+    "regions_bytes",
+    "add_scaled",
+    "fsync_tree",
+    "fsync_path",
+    "MEGATRON_CONFIG",
+    "COMMON_FILE",
+]
+
+MEGATRON_CONFIG = "metadata.json"
+COMMON_FILE = "common.pt"
+TORCH_DIST = "torch_dist"
+
+
+class CheckpointFormatError(UserError, ValueError):
+    """A directory is not a readable torch_dist checkpoint."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box in a global tensor: the unit that is read, averaged and written."""
+
+    offsets: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.sizes:
+            n *= s
+        return n
+
+    def intersect(self, other: "Region") -> Optional["Region"]:
+        lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
+        hi = tuple(min(a + n, b + m) for a, n, b, m in zip(self.offsets, self.sizes, other.offsets, other.sizes))
+        if any(h <= l for l, h in zip(lo, hi)):
+            return None
+        return Region(lo, tuple(h - l for l, h in zip(lo, hi)))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One global tensor of a checkpoint and the chunks it is stored as."""
+
+    key: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    chunks: Tuple[Region, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return Region((), self.shape).numel * self.dtype.itemsize
+
+
+_SLAB = 1 << 20  # elements per cast slab: small enough to stay in cache, large enough to amortise
+
+
+def add_scaled(dest: torch.Tensor, src: torch.Tensor, alpha: float) -> None:
+    """``dest += alpha * src``, casting ``src`` slab by slab when the dtypes differ.
+
+    A mixed-dtype ``add_`` (bf16 into fp32) takes PyTorch's slow casting path,
+    and ``src.float()`` would allocate a whole extra region; casting 1M-element
+    slabs into one reused buffer is 3-5x faster and bounded in memory.
+    """
+    if src.dtype == dest.dtype or dest.numel() <= _SLAB or not (dest.is_contiguous() and src.is_contiguous()):
+        dest.add_(src, alpha=alpha)
+        return
+    d, s = dest.view(-1), src.view(-1)
+    buf = torch.empty(_SLAB, dtype=dest.dtype)
+    for i in range(0, d.numel(), _SLAB):
+        part = d[i:i + _SLAB]
+        tmp = buf[:part.numel()]
+        tmp.copy_(s[i:i + _SLAB])
+        part.add_(tmp, alpha=alpha)
+
+
+class _AddInto(torch.Tensor):
+    """Target handed to DCP's reader that turns its ``copy_(piece)`` into ``dest += alpha * piece``.
+
+    The reader deserialises each stored chunk and copies it into the tensor the
+    planner resolves; accumulating through a scratch buffer would hold one more
+    region in memory.  This storage-less wrapper supports only what the reader
+    does with a target (``detach``, ``size``, ``copy_``); anything else raises,
+    so a reader that changed its access pattern fails loudly, never silently.
+    """
+
+    @staticmethod
+    def __new__(cls, dest: torch.Tensor, alpha: float):
+        t = torch.Tensor._make_wrapper_subclass(cls, dest.shape, dtype=dest.dtype, device=dest.device)
+        t.dest, t.alpha, t.added = dest, alpha, False
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        self = args[0]
+        if func is torch.Tensor.detach:
+            return self
+        if func is torch.Tensor.copy_:
+            add_scaled(self.dest, args[1], self.alpha)
+            self.added = True
+            return self
+        if func in (torch.Tensor.size, torch.Tensor.dim):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(f"checkpoint_io: the DCP reader used `{getattr(func, '__name__', func)}` on a read "
+                           "target; this torch version reads differently, update _AddInto")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"checkpoint_io: `{func}` reached a storage-less read target; update _AddInto")
+
+
+class _RegionPlanner(LoadPlanner):
+    """Routes each stored piece of one region into ``out`` (copy) or adds ``alpha * piece`` to it.
+
+    Only ``resolve_tensor``/``commit_tensor``/``load_bytes`` are used: the plan is
+    built by :meth:`TorchDistCheckpoint.read_region`, not by DCP's planning passes.
+    """
+
+    def __init__(self, out: Optional[torch.Tensor], alpha: Optional[float]):
+        self.out, self.alpha = out, alpha
+        self.data: Optional[bytes] = None
+
+    def _view(self, item: ReadItem) -> torch.Tensor:
+        view = self.out
+        for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        view = self._view(read_item)
+        return view if self.alpha is None else _AddInto(view, self.alpha)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        if isinstance(tensor, _AddInto) and not tensor.added:
+            raise RuntimeError(f"checkpoint_io: the DCP reader did not copy `{read_item.storage_index.fqn}` "
+                               "into its target; this torch version reads differently, update _AddInto")
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.data = value.getvalue()
+
+    # Unused planning passes (the abstract interface requires them).
+    def set_up_planner(self, *args, **kwargs) -> None:
+        pass
+
+    def create_local_plan(self) -> LoadPlan:
+        raise NotImplementedError
+
+    def create_global_plan(self, global_plan):
+        raise NotImplementedError
+
+    def finish_plan(self, central_plan):
+        raise NotImplementedError
+
+
+class TorchDistCheckpoint:
+    """Read-only view of one torch_dist checkpoint directory; the DCP metadata is read once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        cfg_file = self.path / MEGATRON_CONFIG
+        if not cfg_file.is_file():
+            raise CheckpointFormatError(
+                f"`{self.path}` is not a Megatron dist checkpoint (no {MEGATRON_CONFIG}); pass an iter_* "
+                "directory or a run directory with a `latest` file")
+        try:
+            backend = json.loads(cfg_file.read_text()).get("sharded_backend")
+        except json.JSONDecodeError as err:
+            raise CheckpointFormatError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged") from None
+        if backend != TORCH_DIST:
+            raise CheckpointFormatError(
+                f"`{self.path}` uses the `{backend}` backend; only `{TORCH_DIST}` checkpoints are supported "
+                "(re-save it with dist_checkpointing's torch_dist strategy)")
+        self._reader = dcp.FileSystemReader(str(self.path))
+        try:
+            self.metadata: Metadata = self._reader.read_metadata()
+        except FileNotFoundError:
+            raise CheckpointFormatError(
+                f"`{self.path}` has no `.metadata` file; the checkpoint is incomplete") from None
+        self._reader.set_up_storage_reader(self.metadata, True)
+        self.tensors: Dict[str, TensorInfo] = {}
+        self.objects: List[str] = []
+        for key, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                chunks = tuple(Region(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+                self.tensors[key] = TensorInfo(key, tuple(md.size), md.properties.dtype, chunks)
+            elif isinstance(md, BytesStorageMetadata):
+                self.objects.append(key)
+
+    def __repr__(self) -> str:
+        return f"TorchDistCheckpoint({str(self.path)!r})"
+
+    def common(self) -> dict:
+        """The non-sharded items (``common.pt``): loop state, scheduler, model extras."""
+        f = self.path / COMMON_FILE
+        return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else {}
+
+    def read_region(self, key: str, region: Region, out: torch.Tensor, alpha: Optional[float] = None) -> None:
+        """Fill ``out`` (shaped like ``region``) with the stored values, or add ``alpha *`` them to it.
+
+        Assembles the region from every stored chunk it overlaps, whatever layout
+        saved it.  Copies and additions cast to ``out.dtype``.
+        """
+        info = self.tensors[key]
+        if tuple(out.shape) != region.sizes:
+            raise ValueError(f"out has shape {tuple(out.shape)}, region {region.sizes}")
+        items, covered = [], 0
+        for chunk in info.chunks:
+            part = chunk.intersect(region)
+            if part is None:
+                continue
+            covered += part.numel
+            items.append(ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=MetadataIndex(key, region.offsets),
+                dest_offsets=torch.Size(p - r for p, r in zip(part.offsets, region.offsets)),
+                storage_index=MetadataIndex(key, chunk.offsets),
+                storage_offsets=torch.Size(p - c for p, c in zip(part.offsets, chunk.offsets)),
+                lengths=torch.Size(part.sizes),
+            ))
+        if covered != region.numel:
+            raise CheckpointFormatError(
+                f"`{key}` in {self.path} is incomplete: its stored chunks cover {covered} of the {region.numel} "
+                f"elements at offsets {region.offsets}; the checkpoint is damaged")
+        self._reader.read_data(LoadPlan(items), _RegionPlanner(out, alpha)).wait()
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """The whole global tensor (for small tensors and tests)."""
+        info = self.tensors[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_region(key, Region((0,) * len(info.shape), info.shape), out)
+        return out
+
+    def read_object(self, key: str) -> bytes:
+        """The raw bytes of a ``ShardedObject`` item (kept verbatim: they are torch.save blobs)."""
+        planner = _RegionPlanner(None, None)
+        item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(key), dest_offsets=torch.Size((0,)),
+                        storage_index=MetadataIndex(key), storage_offsets=torch.Size((0,)),
+                        lengths=torch.Size((0,)))
+        self._reader.read_data(LoadPlan([item]), planner).wait()
+        assert planner.data is not None
+        return planner.data
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One global tensor to write, stored as ``regions`` (each produced on demand)."""
+
+    key: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    regions: Tuple[Region, ...]
+
+
+class _LazySavePlanner(SavePlanner):
+    """A DCP save plan whose tensors are computed only when the writer asks for them.
+
+    DCP's writer calls ``resolve_data`` item by item, in plan order, right before
+    serialising it; with one file per item (see :func:`write_torch_dist`) a
+    written region is freed before the next one.  With ``threads > 1`` the next
+    ``threads`` regions are computed ahead in our own pool while the writer
+    serialises the current one (DCP's own writer threads are not used: one that
+    fails dies silently and the save completes without its items).
+    """
+
+    def __init__(self, tensors: Sequence[OutputTensor], objects: Dict[str, bytes],
+                 produce: Callable[[OutputTensor, Region], torch.Tensor], threads: int = 1):
+        self.tensors = {t.key: t for t in tensors}
+        self.objects = objects
+        self.produce = produce
+        self.order = [(t, r) for t in tensors for r in t.regions]  # == plan order
+        self.position = {(t.key, r.offsets): i for i, (t, r) in enumerate(self.order)}
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="merge") if threads > 1 else None
+        self.ahead: Dict[int, Future] = {}
+        self.cursor = 0  # next position the writer is expected to ask for
+        self.produced = 0
+
+    def close(self) -> None:
+        """Cancel what was computed ahead and wait for the pool (also after a failure)."""
+        if self.pool is not None:
+            for fut in self.ahead.values():
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+            self.ahead.clear()
+
+    def set_up_planner(self, state_dict=None, storage_meta=None, is_coordinator: bool = False) -> None:
+        pass
+
+    def create_local_plan(self) -> SavePlan:
+        items = [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in self.objects]
+        for t, r in self.order:
+            items.append(WriteItem(
+                index=MetadataIndex(t.key, r.offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes)),
+                    properties=TensorProperties(dtype=t.dtype),
+                    size=torch.Size(t.shape),
+                ),
+            ))
+        return SavePlan(items)
+
+    def create_global_plan(self, all_plans: List[SavePlan]) -> Tuple[List[SavePlan], Metadata]:
+        md: Dict[str, object] = {k: BytesStorageMetadata() for k in self.objects}
+        for t in self.tensors.values():
+            md[t.key] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=t.dtype),
+                size=torch.Size(t.shape),
+                chunks=[ChunkStorageMetadata(torch.Size(r.offsets), torch.Size(r.sizes)) for r in t.regions],
+            )
+        return all_plans, Metadata(state_dict_metadata=md)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def _checked(self, t: OutputTensor, region: Region) -> torch.Tensor:
+        data = self.produce(t, region)
+        if tuple(data.shape) != region.sizes or data.dtype != t.dtype:
+            raise AssertionError(f"{t.key}: produced {tuple(data.shape)} {data.dtype}, "
+                                 f"expected {region.sizes} {t.dtype}")
+        return data.contiguous()
+
+    def resolve_data(self, write_item: WriteItem):
+        key = write_item.index.fqn
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self.objects[key])
+        i = self.position[(key, tuple(write_item.index.offset))]
+        t, region = self.order[i]
+        if self.pool is not None and i == self.cursor:  # in order: keep `threads` regions in flight
+            for j in range(i, min(i + self.threads, len(self.order))):
+                if j not in self.ahead:
+                    self.ahead[j] = self.pool.submit(self._checked, *self.order[j])
+        fut = self.ahead.pop(i, None)
+        self.cursor = i + 1
+        data = fut.result() if fut is not None else self._checked(t, region)
+        self.produced += 1
+        return data
+
+
+def _dcp_save(planner: SavePlanner, writer: dcp.FileSystemWriter) -> None:
+    """``dcp.save`` in this process only, re-raising the producer's own exception.
+
+    DCP wraps any failure (even KeyboardInterrupt) in a ``CheckpointException``;
+    unwrapping keeps user errors printable by the CLI and Ctrl-C a Ctrl-C.
+    """
+    kwargs = {"no_dist": True} if "no_dist" in inspect.signature(dcp.save).parameters else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.save({}, storage_writer=writer, planner=planner, **kwargs)
+    except CheckpointException as err:
+        causes = [f[0] for f in err.failures.values() if isinstance(f, tuple) and isinstance(f[0], BaseException)]
+        if len(causes) == 1:
+            raise causes[0] from None
+        raise
+
+
+def write_torch_dist(
+    path: str | Path,
+    tensors: Sequence[OutputTensor],
+    produce: Callable[[OutputTensor, Region], torch.Tensor],
+    objects: Optional[Dict[str, bytes]] = None,
+    common: Optional[dict] = None,
+    threads: int = 1,
+) -> None:
+    """Write a torch_dist checkpoint that ``dist_checkpointing.load`` reads, one region at a time.
+
+    ``produce(tensor, region)`` returns that region's values (``tensor.dtype``);
+    ``objects`` are ShardedObject byte items copied verbatim; ``common`` is
+    saved as ``common.pt``.  ``path`` must be an existing empty directory.
+    With ``threads > 1`` up to that many regions are produced ahead in a thread
+    pool while one is written (``produce`` must then be thread-safe); memory
+    grows with it.
+    Everything is fsync'ed before this returns, so a rename afterwards is
+    crash-safe; the fsyncs come at the end, letting the kernel write back
+    while later regions are still being computed.
+    """
+    path = Path(path)
+    # One file per item: DCP's writer keeps every tensor of a file alive until the
+    # file is closed, so a single file per rank would hold the whole model.
+    writer = dcp.FileSystemWriter(str(path), single_file_per_rank=False, sync_files=False,
+                                  thread_count=1, per_thread_copy_ahead=0)
+    planner = _LazySavePlanner(tensors, dict(objects or {}), produce, threads)
+    try:
+        _dcp_save(planner, writer)
+    finally:
+        planner.close()
+    if planner.produced != len(planner.order):
+        raise RuntimeError(f"checkpoint_io: {planner.produced} of {len(planner.order)} regions were written; "
+                           f"the checkpoint in {path} is incomplete")
+    torch.save(common or {}, path / COMMON_FILE)
+    # the same fields as megatron.core.dist_checkpointing.core.CheckpointingConfig
+    (path / MEGATRON_CONFIG).write_text(json.dumps({
+        "sharded_backend": TORCH_DIST, "sharded_backend_version": 1,
+        "common_backend": "torch", "common_backend_version": 1,
+    }))
+    fsync_tree(path)
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync one file or directory (a directory's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and directory under ``path`` (and ``path`` itself)."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def regions_bytes(tensors: Iterable[OutputTensor]) -> int:
+    """Total stored bytes of ``tensors``."""
+    return sum(r.numel * t.dtype.itemsize for t in tensors for r in t.regions)

@@ -1,0 +1,486 @@
+"""Top-k checkpoint averaging: ``llada-cpt merge``.
+
+Averaging the weights of the best few checkpoints of a run (by validation
+perplexity) is a cheap, reliable gain at the end of CPT / SFT (LLaDA2.0 report,
+checkpoint merging).  The merge is *streaming*: it walks the stored chunks of
+every model tensor (one layer of one parameter, or one TP shard of it), reads
+that region from each input, accumulates ``sum_i w_i * x_i`` in fp32 (fp64
+stays fp64) and writes it back in the stored dtype before touching the next
+region, so peak memory is a few regions, never the model.  Chunks are read in
+global coordinates, so inputs saved with different TP/PP/EP layouts merge.
+
+Output layout: ``OUT`` is a *run directory* holding one checkpoint and a
+``latest`` pointer::
+
+    OUT/iter_<max iteration of the inputs>/   metadata.json, common.pt, .metadata, *.distcp,
+                                              config.yaml (of the first input), metrics.json (the merge)
+    OUT/latest
+
+so ``train.init_from=OUT``, conversion and generation (all through
+:func:`llada_cpt.training.checkpoint.resolve_checkpoint`) load it like any run.
+Only model weights are written: **optimizer state, scheduler and loop state are
+not merged**, so the result starts a new stage; it cannot resume the old one.
+Non-floating tensors (integer buffers) and ShardedObject items (e.g.
+``_extra_state``) are copied from the first input.
+
+Safety: inputs must have the same tensors, shapes, dtypes and model config;
+``OUT`` must not exist and must not lie inside an input; the result is written
+to ``OUT.tmp-<pid>`` and renamed only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import yaml
+
+from .checkpoint_io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes,
+                            write_torch_dist)
+from .errors import UserError
+from .training import checkpoint as ckpt
+
+__all__ = [
+    "MergeError",
+    "MissingCheckpointError",
+    "Candidate",
+    "Selection",
+    "select_top_k",
+    "select_explicit",
+    "normalise_weights",
+    "MergePlan",
+    "plan_merge",
+    "merge_checkpoints",
+    "main",
+]
+
+DEFAULT_METRIC = "val_ppl"
+DEFAULT_THREADS = 1
+# DCP keys of everything that is not model weights (Megatron optimizers save under `optimizer.`)
+NON_MODEL_PREFIXES = ("optimizer.",)
+# model-config fields that choose kernels or initialisation, not the weights' meaning
+RUNTIME_MODEL_FIELDS = frozenset({"attention_backend", "init_method_std", "moe_token_dispatcher_type"})
+OPTIMIZER_NOTE = ("optimizer state is not merged: the output holds model weights only "
+                  "(start a new stage from it with train.init_from=OUT; it cannot resume the old run)")
+
+
+class MergeError(UserError, ValueError):
+    """The requested merge is impossible or unsafe (mismatched inputs, bad output path, bad weights)."""
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+    """The run directory or enough scored checkpoints are missing."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One checkpoint and what its ``metrics.json`` says."""
+
+    path: Path
+    iteration: int
+    metrics: dict
+
+    @classmethod
+    def load(cls, path: Path) -> "Candidate":
+        metrics = ckpt.read_metrics(path)
+        iteration = metrics.get("iteration")
+        if not isinstance(iteration, int):
+            digits = path.name.rpartition("_")[2]
+            iteration = int(digits) if digits.isdigit() else 0
+        return cls(path, iteration, metrics)
+
+    def score(self, metric: str) -> Tuple[Optional[float], str]:
+        """``(value, "")`` or ``(None, why it cannot be ranked)``."""
+        value = self.metrics.get(metric)
+        if value is None:
+            return None, f"no `{metric}` in metrics.json"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"`{metric}` is {value!r}, not a number"
+        if not math.isfinite(value):
+            return None, f"`{metric}` is {value}"
+        return float(value), ""
+
+
+@dataclass
+class Selection:
+    """The checkpoints to merge, their normalised weights, and what was left out and why."""
+
+    chosen: List[Candidate]
+    weights: List[float]
+    metric: Optional[str] = None
+    mode: Optional[str] = None
+    skipped: List[Tuple[Candidate, str]] = field(default_factory=list)
+    protected: List[Path] = field(default_factory=list)  # directories the output must stay out of
+
+    def describe(self) -> str:
+        metric = self.metric or DEFAULT_METRIC
+        lines = [f"  {'#':>2}  {'iteration':>9}  {metric:>12}  {'weight':>7}  path"]
+        for i, (c, w) in enumerate(zip(self.chosen, self.weights), 1):
+            value, _ = c.score(metric)
+            shown = f"{value:.6g}" if value is not None else "-"
+            lines.append(f"  {i:>2}  {c.iteration:>9}  {shown:>12}  {w:>7.4f}  {c.path}")
+        for c, why in self.skipped:
+            lines.append(f"  skipped {c.path.name}: {why}")
+        return "\n".join(lines)
+
+
+def normalise_weights(weights: Optional[Sequence[float]], n: int) -> List[float]:
+    """Uniform ``1/n`` without weights; else the given weights scaled to sum to 1."""
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise MergeError(f"{len(weights)} weights for {n} checkpoints; pass one weight per checkpoint")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise MergeError(f"weights must be finite and >= 0, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise MergeError("the weights sum to 0; give at least one checkpoint a positive weight")
+    return [w / total for w in weights]
+
+
+def select_top_k(run_dir: str | Path, k: int, metric: str = DEFAULT_METRIC, mode: str = "min",
+                 weights: Optional[Sequence[float]] = None) -> Selection:
+    """The ``k`` best complete checkpoints of a run by ``metric`` (ties: newer first).
+
+    Checkpoints without a finite numeric ``metric`` are reported as skipped.
+    ``weights``, if given, apply in rank order (best first).
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise MissingCheckpointError(f"run directory `{run}` does not exist; pass the checkpoint.save_dir of a run")
+    if k < 1:
+        raise MergeError(f"--top-k must be >= 1, got {k}")
+    if mode not in ("min", "max"):
+        raise MergeError(f"--mode must be `min` or `max`, got `{mode}`")
+    scored, skipped = [], []
+    for path in ckpt.list_checkpoints(run):
+        cand = Candidate.load(path)
+        value, why = cand.score(metric)
+        if value is None:
+            skipped.append((cand, why))
+        else:
+            scored.append((value, cand))
+    if len(scored) < k:
+        listed = ", ".join(f"{c.path.name} ({why})" for c, why in skipped) or "none"
+        raise MissingCheckpointError(
+            f"`{run}` has {len(scored)} checkpoint(s) with `{metric}` but --top-k is {k} "
+            f"(unscored: {listed}); lower --top-k or evaluate more checkpoints")
+    sign = 1.0 if mode == "min" else -1.0
+    scored.sort(key=lambda vc: (sign * vc[0], -vc[1].iteration))
+    chosen = [c for _, c in scored[:k]]
+    return Selection(chosen, normalise_weights(weights, k), metric, mode, skipped, protected=[run])
+
+
+def select_explicit(paths: Sequence[str | Path], weights: Optional[Sequence[float]] = None,
+                    metric: str = DEFAULT_METRIC) -> Selection:
+    """The given checkpoints (iter_* or run directories, which follow ``latest``), in that order."""
+    if not paths:
+        raise MergeError("no checkpoints given; pass --ckpts A B ... or --run-dir RUN --top-k K")
+    resolved, protected = [], []
+    for p in paths:
+        if not Path(p).exists():
+            raise MissingCheckpointError(f"checkpoint `{p}` does not exist; pass an iter_* or run directory")
+        resolved.append(ckpt.resolve_checkpoint(p))
+        protected.append(Path(p))
+    seen = set()
+    for p in resolved:
+        if p.resolve() in seen:
+            raise MergeError(f"`{p}` is listed twice; use --weights to weight one checkpoint more")
+        seen.add(p.resolve())
+    chosen = [Candidate.load(p) for p in resolved]
+    return Selection(chosen, normalise_weights(weights, len(chosen)), metric, None, [], protected)
+
+
+def _is_model_key(key: str) -> bool:
+    return not key.startswith(NON_MODEL_PREFIXES)
+
+
+def _model_config(path: Path) -> Optional[dict]:
+    f = path / "config.yaml"
+    if not f.is_file():
+        return None
+    data = yaml.safe_load(f.read_text()) or {}
+    model = data.get("model") or {}
+    return {k: v for k, v in model.items() if k not in RUNTIME_MODEL_FIELDS}
+
+
+def _check_same_model_config(paths: Sequence[Path]) -> None:
+    configs = [(p, _model_config(p)) for p in paths]
+    configs = [(p, c) for p, c in configs if c is not None]
+    if not configs:
+        return
+    ref_path, ref = configs[0]
+    for path, cfg in configs[1:]:
+        for name in sorted(set(ref) | set(cfg)):
+            if ref.get(name) != cfg.get(name):
+                raise MergeError(
+                    f"checkpoints have different architectures: `model.{name}` is {ref.get(name)!r} in "
+                    f"{ref_path}/config.yaml but {cfg.get(name)!r} in {path}/config.yaml; only checkpoints "
+                    "of the same model can be merged")
+
+
+@dataclass
+class MergePlan:
+    """Validated inputs and the tensors to write (regions = the first input's stored chunks)."""
+
+    inputs: List[TorchDistCheckpoint]
+    tensors: List[OutputTensor]
+    objects: List[str]
+    averaged: List[str]  # floating keys (weighted mean)
+    copied: List[str]  # non-floating keys (taken from the first input)
+
+    @property
+    def input_bytes(self) -> int:
+        return regions_bytes(self.tensors) * len(self.inputs)
+
+    @property
+    def largest_region_bytes(self) -> int:
+        return max((r.numel * t.dtype.itemsize for t in self.tensors for r in t.regions), default=0)
+
+
+def plan_merge(paths: Sequence[str | Path]) -> MergePlan:
+    """Open the inputs and check that they can be merged; names the first mismatching tensor."""
+    paths = [Path(p) for p in paths]
+    _check_same_model_config(paths)
+    inputs = [TorchDistCheckpoint(p) for p in paths]
+    first = inputs[0]
+    keys = sorted(k for k in first.tensors if _is_model_key(k))
+    objects = sorted(k for k in first.objects if _is_model_key(k))
+    if not keys:
+        raise MergeError(f"`{first.path}` holds no model tensors (only {sorted(first.tensors)[:3]}...); "
+                         "pass checkpoints saved by training or conversion")
+    for other in inputs[1:]:
+        other_keys = sorted(k for k in other.tensors if _is_model_key(k))
+        other_objects = sorted(k for k in other.objects if _is_model_key(k))
+        for mine, theirs in ((keys, other_keys), (objects, other_objects)):
+            if mine != theirs:
+                key = sorted(set(mine) ^ set(theirs))[0]
+                has, lacks = (first, other) if key in mine else (other, first)
+                raise MergeError(f"checkpoints hold different tensors: `{key}` is in {has.path} but not in "
+                                 f"{lacks.path}; only checkpoints of the same model can be merged")
+        for key in keys:
+            a, b = first.tensors[key], other.tensors[key]
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise MergeError(
+                    f"tensor `{key}` is {tuple(a.shape)} {a.dtype} in {first.path} but "
+                    f"{tuple(b.shape)} {b.dtype} in {other.path}; only checkpoints of the same model "
+                    "(and precision) can be merged")
+    tensors = [OutputTensor(k, first.tensors[k].shape, first.tensors[k].dtype, first.tensors[k].chunks)
+               for k in keys]
+    averaged = [t.key for t in tensors if t.dtype.is_floating_point]
+    copied = [t.key for t in tensors if not t.dtype.is_floating_point]
+    return MergePlan(inputs, tensors, objects, averaged, copied)
+
+
+def _check_output(out: Path, protected: Sequence[Path]) -> None:
+    if out.exists():
+        raise MergeError(f"output `{out}` already exists; merge never overwrites, choose a new --out")
+    target = out.resolve()
+    for p in protected:
+        src = Path(p).resolve()
+        if target == src or src in target.parents:
+            raise MergeError(f"output `{out}` is inside the input `{p}`; write the merge outside the "
+                             "input checkpoints and run directories")
+
+
+class _Averager:
+    """Produces one output region: ``sum_i w_i * x_i`` over the inputs, accumulated in fp32.
+
+    The fp32 accumulator is one buffer per thread, reused for every region
+    (sized by the largest): fresh multi-MB allocations cost page faults that
+    rival the arithmetic.  Each region is returned as a new tensor in the stored
+    dtype, so the writer may hold it while the next one is computed.  (Writing
+    the fp32 accumulator itself would save a copy but needs a fresh accumulator
+    per region, and DCP's writer keeps the previous region alive meanwhile:
+    measured, that raised the peak from ~2.5 to ~4 largest chunks.)
+    """
+
+    def __init__(self, plan: MergePlan, weights: Sequence[float], progress):
+        self.plan, self.weights, self.progress = plan, list(weights), progress
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _accumulator(self, region: Region, dtype: torch.dtype) -> torch.Tensor:
+        acc_dtype = torch.promote_types(dtype, torch.float32)
+        if acc_dtype != torch.float32:  # fp64 stays fp64 (rare: not worth a second reusable buffer)
+            return torch.empty(region.sizes, dtype=acc_dtype)
+        buf = getattr(self._local, "buffer", None)
+        if buf is None or buf.numel() < region.numel:
+            self._local.buffer = None  # free the old one before allocating the larger
+            buf = self._local.buffer = torch.empty(region.numel, dtype=torch.float32)
+        return buf[:region.numel].view(region.sizes)
+
+    def _advance(self, nbytes: int) -> None:
+        with self._lock:
+            self.progress.update(nbytes)
+
+    def __call__(self, tensor: OutputTensor, region: Region) -> torch.Tensor:
+        inputs = self.plan.inputs
+        nbytes = region.numel * tensor.dtype.itemsize
+        if not tensor.dtype.is_floating_point:
+            out = torch.empty(region.sizes, dtype=tensor.dtype)
+            inputs[0].read_region(tensor.key, region, out)
+            self._advance(nbytes * len(inputs))
+            return out
+        acc = self._accumulator(region, tensor.dtype)
+        inputs[0].read_region(tensor.key, region, acc)
+        acc.mul_(self.weights[0])
+        self._advance(nbytes)
+        for src, w in zip(inputs[1:], self.weights[1:]):
+            src.read_region(tensor.key, region, acc, alpha=w)
+            self._advance(nbytes)
+        # allocated only now, after the last deserialised chunk is freed
+        return torch.empty(region.sizes, dtype=tensor.dtype).copy_(acc)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
+                disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)  # None: TTY only
+
+
+def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = True,
+                      plan: Optional[MergePlan] = None, threads: int = DEFAULT_THREADS) -> Path:
+    """Write the weighted average of the selection's model weights to the run directory ``out``.
+
+    Returns the checkpoint directory (``out/iter_<max iteration>``).  Nothing
+    named ``out`` exists unless the whole merge succeeded.  ``threads`` regions
+    are merged at once (I/O of one overlaps arithmetic of another); peak memory
+    is about ``threads`` times the per-region working set.
+    """
+    out = Path(out)
+    _check_output(out, selection.protected + [c.path for c in selection.chosen])
+    plan = plan or plan_merge([c.path for c in selection.chosen])
+    iteration = max(c.iteration for c in selection.chosen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    name = ckpt.checkpoint_name(iteration)
+    # The per-region copies and adds are memory-bound: PyTorch's intra-op threads only
+    # spin (5-10x the CPU time on a busy node); `threads` parallelises over regions.
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        target = tmp / name
+        target.mkdir(parents=True)
+        common = {k: v for k, v in plan.inputs[0].common().items() if k.startswith("model")}
+        objects = {k: plan.inputs[0].read_object(k) for k in plan.objects}
+        with _progress_bar(plan.input_bytes, progress) as bar:
+            write_torch_dist(target, plan.tensors, _Averager(plan, selection.weights, bar), objects, common,
+                             threads=threads)
+        config = selection.chosen[0].path / "config.yaml"
+        if config.is_file():
+            shutil.copyfile(config, target / "config.yaml")
+        (target / "metrics.json").write_text(json.dumps(_merge_metrics(selection, plan, iteration), indent=2))
+        (tmp / ckpt.LATEST).write_text(name + "\n")
+        fsync_tree(tmp)
+        if out.exists():  # appeared while we were writing
+            raise MergeError(f"output `{out}` appeared during the merge; nothing was written to it")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(intra_op)
+    fsync_path(out.parent)  # make the rename itself durable
+    return out / name
+
+
+def _merge_metrics(selection: Selection, plan: MergePlan, iteration: int) -> dict:
+    metric = selection.metric or DEFAULT_METRIC
+    uniform = len(set(round(w, 12) for w in selection.weights)) == 1
+    return {
+        "iteration": iteration,
+        "merged": True,
+        "merge": {
+            "method": "uniform" if uniform else "weighted",
+            "metric": metric,
+            "mode": selection.mode,
+            "optimizer_merged": False,
+            "averaged_tensors": len(plan.averaged),
+            "copied_tensors": plan.copied,
+            "sources": [
+                {"path": str(c.path.resolve()), "iteration": c.iteration, "weight": w,
+                 metric: c.score(metric)[0]}
+                for c, w in zip(selection.chosen, selection.weights)
+            ],
+        },
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llada-cpt merge",
+        description="Average the model weights of the top-k checkpoints of a run (or of given checkpoints) "
+                    "into a new checkpoint. " + OPTIMIZER_NOTE + ".")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="run directory (checkpoint.save_dir) whose iter_* checkpoints are ranked")
+    src.add_argument("--ckpts", nargs="+", metavar="CKPT", help="explicit iter_* or run directories")
+    p.add_argument("--top-k", type=int, help="number of best checkpoints to average (with --run-dir)")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help="metrics.json field to rank by (default: val_ppl)")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="min: lower is better (default)")
+    p.add_argument("--weights", nargs="+", type=float,
+                   help="one weight per checkpoint (rank order with --top-k), normalised to sum 1")
+    p.add_argument("--out", help="new run directory for the merged checkpoint (must not exist)")
+    p.add_argument("--dry-run", action="store_true", help="print the selection and checks; write nothing")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"regions merged at once (default {DEFAULT_THREADS}); faster on idle many-core "
+                        "machines, peak memory grows with it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.run_dir is not None:
+        if args.top_k is None:
+            raise MergeError("--run-dir needs --top-k K (how many of the best checkpoints to average)")
+        sel = select_top_k(args.run_dir, args.top_k, args.metric, args.mode, args.weights)
+        print(f"merge: top-{args.top_k} of {len(sel.chosen) + len(sel.skipped)} checkpoints in {args.run_dir} "
+              f"by {args.metric} ({args.mode}):")
+    else:
+        if args.top_k is not None:
+            raise MergeError("--top-k ranks the checkpoints of --run-dir; with --ckpts every listed checkpoint "
+                             "is merged")
+        sel = select_explicit(args.ckpts, args.weights, args.metric)
+        print(f"merge: {len(sel.chosen)} given checkpoints:")
+    print(sel.describe())
+    if args.threads < 1:
+        raise MergeError(f"--threads must be >= 1, got {args.threads}")
+    if args.out is None and not args.dry_run:
+        raise MergeError("--out is required (a new run directory for the merged checkpoint)")
+    if args.out is not None:
+        _check_output(Path(args.out), sel.protected + [c.path for c in sel.chosen])
+    plan = plan_merge([c.path for c in sel.chosen])
+    print(f"{len(plan.averaged)} tensors averaged, {len(plan.copied)} non-float tensors and "
+          f"{len(plan.objects)} objects copied from the first input "
+          f"({_human_bytes(plan.input_bytes // len(plan.inputs))} of weights per checkpoint)")
+    print(OPTIMIZER_NOTE)
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    path = merge_checkpoints(sel, args.out, progress=not args.no_progress, plan=plan, threads=args.threads)
+    print(f"wrote {path} (use train.init_from={args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
