@@ -1,0 +1,259 @@
+"""Loading a checkpoint for generation, and running the Megatron model as the sampler's denoiser.
+
+:func:`inspect_checkpoint` reads what a checkpoint directory says about itself
+(``config.yaml``, ``metrics.json``, the tokenizer, the trained block size) without
+building a model, so bad inputs fail in a second.  :func:`load_model_for_inference`
+then builds the ``GPTModel`` for the requested TP size (PP = CP = EP = 1, no DDP,
+whole model on each rank), loads the weights with ``dist_checkpointing`` (which
+reshards from whatever layout the checkpoint was saved in) and returns an
+:class:`InferenceModel`.
+
+:class:`ModelRunner` adapts a training or inference model to the sampler:
+unwraps DDP, switches to eval/no_grad for the duration of a session (restoring
+the previous mode), passes the :class:`~.kv_cache.KVCache` in ``attention_mask``,
+computes logits only for the positions the sampler reads (a pre-hook on the
+output layer slices the hidden states: a prefill of thousands of tokens must not
+materialise ``[tokens, vocab]`` logits) and gathers them over TP.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from ..config.schema import Config
+from ..errors import ConfigError, UserError
+from .kv_cache import KVCache
+from .sampler import SamplerConfig
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "InferenceModel",
+    "ModelRunner",
+    "inspect_checkpoint",
+    "load_model_for_inference",
+    "trained_block_size",
+    "block_size_warning",
+]
+
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+class CheckpointError(UserError, FileNotFoundError):
+    """A checkpoint path is missing or lacks what generation needs."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself (no model built)."""
+
+    path: Path
+    config: Config
+    metrics: dict
+    tokenizer: object  # llada_cpt.data.tokenizer.Tokenizer
+    mask_id: int
+    eos_id: int
+    trained_block_size: int
+    context_length: int
+
+    @property
+    def stage(self) -> str:
+        return self.config.stage
+
+
+@dataclass
+class InferenceModel:
+    """A loaded model plus everything the sampler needs from its checkpoint."""
+
+    model: torch.nn.Module  # GPTModel (pre and post process)
+    info: CheckpointInfo
+    tensor_parallel_size: int
+    dtype: torch.dtype
+
+    @property
+    def tokenizer(self):
+        return self.info.tokenizer
+
+    @property
+    def config(self) -> Config:
+        return self.info.config
+
+    def fill_defaults(self, cfg: SamplerConfig) -> SamplerConfig:
+        """``cfg`` with the unset ids / sizes taken from the checkpoint."""
+        return replace(
+            cfg,
+            mask_id=self.info.mask_id if cfg.mask_id is None else cfg.mask_id,
+            eos_id=self.info.eos_id if cfg.eos_id is None else cfg.eos_id,
+            vocab_size=self.tokenizer.vocab_size if cfg.vocab_size is None else cfg.vocab_size,
+            context_length=self.info.context_length if cfg.context_length is None else cfg.context_length,
+        )
+
+
+# ------------------------------------------------------------------------------ checkpoint
+
+
+def trained_block_size(cfg: Config, metrics: Optional[dict] = None) -> int:
+    """Block size of the last training step: the WSD schedule at the checkpoint's consumed tokens.
+
+    Without ``consumed_tokens`` in ``metrics.json`` (a converted or merged
+    checkpoint) it is the block size of the schedule's last phase.  A block as
+    long as the sequence (MDLM phase) is reported as ``data.seq_length``.
+    """
+    from ..diffusion.wsd import WSDSchedule
+
+    L = cfg.data.seq_length
+    tokens_per_step = cfg.train.global_batch_size * L
+    wsd = WSDSchedule.from_config(cfg.diffusion.block_schedule, L, cfg.diffusion.block_schedule_unit, tokens_per_step)
+    consumed = (metrics or {}).get("consumed_tokens")
+    if consumed is None:
+        block = wsd.phases[-1][0]
+    else:
+        block = wsd.block_size(max(int(consumed) - tokens_per_step, 0))
+    return min(block, L)
+
+
+def block_size_warning(info: CheckpointInfo, block_size: int) -> Optional[str]:
+    """A warning line when ``block_size`` is not the block size the checkpoint was last trained with."""
+    if block_size == info.trained_block_size:
+        return None
+    return (f"WARNING: block size {block_size} differs from the checkpoint's trained block size "
+            f"{info.trained_block_size} (the WSD schedule in its config.yaml); quality may drop - "
+            f"pass --block-size {info.trained_block_size} to match")
+
+
+def _load_tokenizer(cfg: Config):
+    from ..data.tokenizer import Tokenizer
+
+    if cfg.data.tokenizer:
+        return Tokenizer.from_file(cfg.data.tokenizer)
+    if cfg.data.demo:
+        from ..data.demo_corpus import ensure_demo_data
+
+        return Tokenizer.from_file(ensure_demo_data(cfg.data.cache_dir).tokenizer_path)
+    raise CheckpointError("the checkpoint's config.yaml names no tokenizer (data.tokenizer) and is not a demo run; "
+                          "the run's tokenizer is needed to encode prompts")
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Resolve ``path`` (run directory with ``latest``, or an ``iter_*`` directory) and read its metadata."""
+    from ..config.loader import load_config
+    from ..training.checkpoint import read_metrics, resolve_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint `{p}` does not exist; pass a run directory (with a `latest` file) or an "
+                              "iter_* checkpoint directory")
+    resolved = resolve_checkpoint(p)
+    cfg_file = resolved / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"`{resolved}` has no config.yaml, so the model architecture is unknown; use a "
+                              "checkpoint written by llada-cpt train / merge / convert")
+    cfg = load_config(cfg_file)
+    tok = _load_tokenizer(cfg)
+    mask_id = tok.mask_id if cfg.diffusion.mask_id is None else cfg.diffusion.mask_id
+    metrics = read_metrics(resolved)
+    return CheckpointInfo(path=resolved, config=cfg, metrics=metrics, tokenizer=tok, mask_id=int(mask_id),
+                          eos_id=int(tok.eod_id), trained_block_size=trained_block_size(cfg, metrics),
+                          context_length=int(cfg.model.max_position_embeddings))
+
+
+def _embedding_rows(path: Path) -> Optional[int]:
+    """Rows of the stored (padded) embedding: the model must be built with exactly that many."""
+    from ..checkpoint_io import TorchDistCheckpoint
+
+    info = TorchDistCheckpoint(path).tensors.get(EMBEDDING_KEY)
+    return info.shape[0] if info is not None else None
+
+
+def load_model_for_inference(ckpt: str | os.PathLike | CheckpointInfo, tp: int = 1, precision: str = "auto",
+                             seed: int = 0) -> InferenceModel:
+    """Build the checkpoint's model for ``tp`` tensor-parallel ranks and load its weights (no optimizer).
+
+    Initialises ``torch.distributed`` / Megatron's parallel state (a world of one
+    without a launcher; under ``--nproc`` / torchrun the world is ``tp x dp``).
+    ``precision``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+    """
+    from ..config.schema import ParallelConfig
+    from ..model.provider import build_model
+    from ..training.checkpoint import load_checkpoint
+    from ..training.distributed import initialize
+    from ..model.provider import resolve_dtype
+
+    info = ckpt if isinstance(ckpt, CheckpointInfo) else inspect_checkpoint(ckpt)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=False)
+    initialize(parallel, seed=seed)
+    rows = _embedding_rows(info.path)
+    model_cfg = info.config.model
+    vocab = info.tokenizer.vocab_size
+    if rows is not None:
+        if rows % tp:
+            raise ConfigError(f"the checkpoint's vocabulary ({rows} rows) cannot be split over tp={tp} ranks; "
+                              "use a tensor-parallel size that divides it")
+        # build exactly the stored (already padded) size, whatever TP size the checkpoint was saved with
+        model_cfg = replace(model_cfg, make_vocab_size_divisible_by=1)
+        vocab = rows
+    (model,) = build_model(model_cfg, parallel, precision, vocab, pre_process=True, post_process=True)
+    with warnings.catch_warnings():  # torch's deprecation notices about the DCP calls Megatron makes
+        warnings.simplefilter("ignore", FutureWarning)
+        load_checkpoint(info.path, [model], optimizer=None, scheduler=None, restore_rng=False)
+    model.eval()
+    return InferenceModel(model=model, info=info, tensor_parallel_size=tp, dtype=resolve_dtype(precision))
+
+
+# ------------------------------------------------------------------------------ denoiser
+
+
+class ModelRunner:
+    """The sampler's :class:`~.sampler.Denoiser` over a Megatron ``GPTModel`` (bare or DDP-wrapped)."""
+
+    def __init__(self, model):
+        from ..training.distributed import unwrap
+
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        if len(chunks) != 1:
+            raise ConfigError(f"generation needs the whole model in one chunk, got {len(chunks)} (virtual pipeline "
+                              "stages); generate with pipeline_model_parallel_size=1")
+        self.wrapped = chunks[0]
+        self.module = unwrap(chunks[0])
+        if not (getattr(self.module, "pre_process", True) and getattr(self.module, "post_process", True)):
+            raise ConfigError("generation needs every layer on each rank (pipeline_model_parallel_size=1); "
+                              "load the checkpoint with load_model_for_inference, which reshards it")
+        if getattr(getattr(self.module, "config", None), "sequence_parallel", False):
+            raise ConfigError("generation does not support sequence parallelism; build the model with "
+                              "parallel.sequence_parallel=false (load_model_for_inference does)")
+        self._keep = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["ModelRunner"]:
+        """Eval mode, no autograd and the logits slice for the duration; the previous mode is restored."""
+        was_training = self.wrapped.training
+        self.wrapped.eval()
+        handle = self.module.output_layer.register_forward_pre_hook(self._slice_hidden, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            handle.remove()
+            self.wrapped.train(was_training)
+
+    def _slice_hidden(self, module, args, kwargs):
+        if args:
+            h = args[0]
+            return (h[h.shape[0] - self._keep:],) + tuple(args[1:]), kwargs
+        h = kwargs["input_"]
+        return args, {**kwargs, "input_": h[h.shape[0] - self._keep:]}
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_logits: int) -> torch.Tensor:
+        self._keep = int(num_logits)
+        # GPTModel has no position embedding (RoPE is applied in attention from the cache's plan)
+        return self.module(tokens, positions, attention_mask=cache, runtime_gather_output=True)
