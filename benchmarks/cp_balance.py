@@ -13,21 +13,17 @@ Writes ``benchmarks/results/cp_balance.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llada_cpt.benchmarking import environment, write_atomic  # noqa: E402
 from llada_cpt.parallel.context import TILE, cp_partition, zigzag_partition  # noqa: E402
 from llada_cpt.parallel.work import imbalance, partition_work, random_document_ids, wsd_block_sizes  # noqa: E402
 
@@ -57,16 +53,6 @@ def whole_tile_share(parts: list[torch.Tensor], seq_length: int) -> float:
         owner[p] = r
     tiles = owner[: seq_length // TILE * TILE].view(-1, TILE)
     return float((tiles == tiles[:, :1]).all(dim=1).float().mean())
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(seq_length: int, packings: int, seed: int) -> list[dict]:
@@ -142,14 +128,6 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file so that an interrupted run leaves no partial result."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-length", type=int, default=8192)
@@ -160,15 +138,10 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = measure(args.seq_length, args.packings, args.seed)
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": cpu_model(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        **environment("cpu", packages=("numpy",)),
         "seq_length": args.seq_length,
         "packings": args.packings,
         "seed": args.seed,
-        "load_average_1min": os.getloadavg()[0],  # timings are noisy on a shared machine
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out_dir / "cp_balance.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

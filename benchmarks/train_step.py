@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -37,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from llada_cpt.benchmarking import environment, status_cell, unavailable_notes, write_atomic  # noqa: E402
 from llada_cpt.config.loader import load_config  # noqa: E402
 from llada_cpt.diffusion.inputs import build_diffusion_batch  # noqa: E402
 from llada_cpt.parallel.work import random_document_ids  # noqa: E402
@@ -216,19 +213,6 @@ def run(args) -> tuple[dict, list[Row]]:
     return meta, rows
 
 
-def environment() -> dict:
-    on_gpu = torch.cuda.is_available()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
-    }
-
-
 def markdown(env: dict, args, meta: dict, rows: list[Row]) -> str:
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     notes = {}
@@ -248,26 +232,14 @@ def markdown(env: dict, args, meta: dict, rows: list[Row]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        status = r.status
-        if status.startswith("unavailable: "):
-            notes[r.backend] = status[len("unavailable: "):]
-            status = "unavailable (see below)"
+        status = status_cell(r.backend, r.status, notes)
         lines.append(
             f"| {r.backend} | {r.block} | {f(r.step_s and r.step_s * 1e3, '.1f')} | {f(r.tokens_per_s, '.0f')} "
             f"| {f(r.input_tokens_per_s, '.0f')} | {f(r.tflops_per_s, '.1f')} | {f(r.mfu, '.1%')} "
             f"| {f(r.peak_gib, '.1f')} | {f(r.loss, '.3f')} | {status} |"
         )
-    if notes:
-        lines += ["", "Unavailable here:", ""] + [f"- `{k}`: {v}" for k, v in notes.items()]
+    lines += unavailable_notes(notes)
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -280,8 +252,8 @@ def main(argv=None) -> int:
     stem = "train_step_smoke" if args.smoke else "train_step"
     out = Path(args.out)
     payload = dict(environment=env, settings=vars(args), model=meta, rows=[dataclasses.asdict(r) for r in rows])
-    _write_atomic(out / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
-    _write_atomic(out / f"{stem}.md", markdown(env, args, meta, rows))
+    write_atomic(out / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_atomic(out / f"{stem}.md", markdown(env, args, meta, rows))
     print(f"wrote {out / (stem + '.md')} and .json")
     return 0
 

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from llada_cpt.benchmarking import environment, status_cell, unavailable_notes, write_atomic  # noqa: E402
 from llada_cpt.diffusion.layout import AttentionLayout  # noqa: E402
 from llada_cpt.parallel.work import random_document_ids  # noqa: E402
 
@@ -50,6 +47,7 @@ from kernels.unfused import unfused_attention  # noqa: E402
 MEMORY_TARGET = 0.10  # fused attention memory / unfused, at the largest L
 SPEED_TARGET = 1.25  # best fused fwd+bwd / (dense fused x non-empty tile fraction)
 MEMORY_CHECKED = ("cudnn", "flex")
+KERNEL_PACKAGES = ("triton", "transformer-engine", "nvidia-cudnn-frontend")  # versions in the header
 
 
 @dataclasses.dataclass
@@ -302,24 +300,6 @@ def suggested_auto_order(results: list[Result]) -> str:
     return ",".join(ranked + ["reference"])
 
 
-def environment(device: torch.device) -> dict:
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-    }
-    for mod in ("triton", "transformer_engine", "cudnn"):
-        try:
-            env[mod if mod != "cudnn" else "cudnn_frontend"] = getattr(__import__(mod), "__version__", "installed")
-        except Exception:  # noqa: BLE001 - absent or broken: not installed for our purposes
-            env[mod if mod != "cudnn" else "cudnn_frontend"] = None
-    return env
-
-
 def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -329,7 +309,7 @@ def markdown(env: dict, args, cases: list[Case], results: list[Result], verdicts
         "# Block-diffusion attention backends" + (" (smoke run, not a measurement)" if args.smoke else ""),
         "",
         f"{env['date']} on {env['device']}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-        f"triton {env['triton']}, TE {env['transformer_engine']}.",
+        f"triton {env['triton']}, TE {env['transformer-engine']}.",
         f"batch {args.batch}, heads {args.heads} (kv {args.kv_heads}), head dim {args.head_dim}, {args.dtype}; "
         f"{args.iters} timed iterations after {args.warmup} warm-up. `B=L` is MDLM (x_t alone, length L); "
         "other rows use the 2L layout. Peak memory: one cold fwd+bwd (mask structures included) above the "
@@ -342,30 +322,18 @@ def markdown(env: dict, args, cases: list[Case], results: list[Result], verdicts
     notes = {}
     for r in results:
         c = cases[r.case]
-        status = r.status
-        if status.startswith("unavailable: "):
-            notes[r.backend] = status[len("unavailable: "):]
-            status = "unavailable (see below)"
+        status = status_cell(r.backend, r.status, notes)
         ratio = r.ms / c.dense_ms if (r.ms is not None and c.dense_ms) else None
         lines.append(
             f"| {c.seq_length} | {c.block} | {c.docs} | {c.sq}x{c.sk} | {c.tile_fraction:.3f} | {_fmt(c.dense_ms, '.2f')} "
             f"| {r.backend} | {r.mode} | {_fmt(r.ms, '.2f')} | {_fmt(ratio, '.2f')} | {_fmt(r.peak_mib, '.0f')} "
             f"| {_fmt(r.mask_build_ms, '.1f')} | {_fmt(r.new_layout_ms, '.1f')} | {status} |"
         )
-    if notes:
-        lines += ["", "Unavailable here:", ""] + [f"- `{name}`: {why}" for name, why in notes.items()]
+    lines += unavailable_notes(notes)
     lines += ["", f"Fastest first (for `auto`): `LLADA_ATTENTION_AUTO_ORDER={suggested_auto_order(results)}`"]
     lines += ["", "## Targets", "", "| target | case | verdict | detail |", "|---|---|---|---|"]
     lines += [f"| {v['target']} | {v['case']} | {v['verdict']} | {v['detail']} |" for v in verdicts]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -416,7 +384,7 @@ def main(argv=None) -> int:
             print(f"unknown --backends {sorted(unknown)}; choose from {sorted(backends)}", file=sys.stderr)
             return 2
         backends = {k: v for k, v in backends.items() if k in args.backends}
-    env = environment(device)
+    env = environment(device, packages=KERNEL_PACKAGES)
     print(f"attention benchmark on {env['device']} (torch {env['torch']})", flush=True)
     cases: list[Case] = []
     results: list[Result] = []
@@ -439,8 +407,8 @@ def main(argv=None) -> int:
     payload = dict(environment=env, settings={k: v for k, v in vars(args).items()},
                    cases=[dataclasses.asdict(c) for c in cases], results=[dataclasses.asdict(r) for r in results],
                    targets=verdicts, auto_order=suggested_auto_order(results))
-    _write_atomic(out / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
-    _write_atomic(out / f"{stem}.md", markdown(env, args, cases, results, verdicts))
+    write_atomic(out / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
+    write_atomic(out / f"{stem}.md", markdown(env, args, cases, results, verdicts))
     print(f"wrote {out / (stem + '.md')} and .json")
     return 0
 

@@ -27,16 +27,16 @@ import torch
 
 from ..errors import ConfigError
 from .chat import ChatTokens, tokenize_chat, tokenize_prompt_response
-from .records import PathLike, RecordError, as_paths, iter_jsonl
+from .records import PathLike, RecordError
 from .sft import (
     PackedData,
     PackStats,
     Sample,
     SFTDataConfig,
     collate_packed,
+    load_records,
     pack_groups,
-    pad_to_block,
-    raise_if_overlong,
+    padded_sample,
     record_messages,
     record_text,
     tokenized,
@@ -126,29 +126,17 @@ def load_preference_pairs(
         raise ConfigError(
             f"DPO packs a pair per sequence: seq_length {cfg.seq_length} must hold two blocks of {cfg.block_size}"
         )
-    stats = PackStats()
-    pairs: List[PreferencePair] = []
-    for where, record in iter_jsonl(as_paths(paths), stats.bad):
-        try:
-            chosen, rejected = preference_record_tokens(record, tokenizer, cfg.chat_template)
-        except RecordError as e:
-            stats.bad.add(where, str(e), e.kind)
-            continue
-        members = [
-            pad_to_block(Sample(t.ids, t.eligible, where), cfg.block_size, tokenizer.eod_id, cfg.pad_loss)
-            for t in (chosen, rejected)
-        ]
-        pair = _fit_pair(PreferencePair(*members), cfg, stats)
-        if pair is not None:
-            pairs.append(pair)
-    raise_if_overlong(stats, cfg)
-    stats.samples = len(pairs)
-    stats.bad.check(
-        len(pairs), "preference pairs",
+
+    def fit(where: str, tokens: Tuple[ChatTokens, ChatTokens], stats: PackStats) -> Optional[PreferencePair]:
+        chosen, rejected = (padded_sample(t, where, cfg, tokenizer.eod_id) for t in tokens)
+        return _fit_pair(PreferencePair(chosen, rejected), cfg, stats)
+
+    return load_records(
+        paths, cfg, lambda record: preference_record_tokens(record, tokenizer, cfg.chat_template), fit,
+        "preference pairs",
         "each line must be {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} (or \"messages\" instead of "
         "\"prompt\") with two different non-empty responses",
     )
-    return pairs, stats
 
 
 def load_preference_dataset(

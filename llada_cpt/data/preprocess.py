@@ -33,6 +33,7 @@ from typing import Dict, IO, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from .records import read_json_if_present
 from .tokenizer import Tokenizer
 
 __all__ = ["PreprocessSummary", "preprocess", "preprocess_texts", "read_dataset_meta", "main", "META_SUFFIX"]
@@ -332,13 +333,7 @@ def _tokenizer_reference(tokenizer_path: str, out_dir: str) -> str:
 def read_dataset_meta(prefix: Union[str, os.PathLike]) -> dict:
     """The ``.meta.json`` of a dataset prefix (``{}`` if absent), tokenizer path made absolute."""
     path = os.fspath(prefix) + META_SUFFIX
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path!r} ({err}); re-run `llada-cpt preprocess`") from err
+    meta = read_json_if_present(path, "re-run `llada-cpt preprocess`")
     if "tokenizer" in meta:
         meta["tokenizer"] = os.path.join(os.path.dirname(os.path.abspath(path)), meta["tokenizer"])
     return meta

@@ -12,11 +12,11 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Sequence, Tuple, Union
 
 from ..errors import DataError
 
-__all__ = ["RecordError", "LineReport", "iter_jsonl", "as_paths"]
+__all__ = ["RecordError", "LineReport", "iter_jsonl", "as_paths", "read_json_if_present"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,20 @@ def as_paths(paths: Union[PathLike, Sequence[PathLike]]) -> List[str]:
         if not os.path.isfile(p):
             raise DataError(f"data file {p} does not exist; check the path")
     return out
+
+
+def read_json_if_present(path: str, fix: str) -> Any:
+    """The parsed JSON file at ``path``, ``{}`` when there is none (optional side files).
+
+    An unreadable or malformed file is a :class:`DataError` that says ``fix``.
+    """
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path!r} ({err}); {fix}") from err
 
 
 class RecordError(ValueError):

@@ -28,7 +28,7 @@ masked in exactly one of the two rows and prompt tokens in neither.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
@@ -44,8 +44,10 @@ __all__ = [
     "PackedData",
     "effective_length",
     "pad_to_block",
+    "padded_sample",
     "truncate_sample",
     "sft_record_tokens",
+    "load_records",
     "load_sft_samples",
     "pack_groups",
     "collate_packed",
@@ -53,6 +55,9 @@ __all__ = [
 ]
 
 OVERLONG_POLICIES = ("drop", "truncate", "error")
+
+T = TypeVar("T")  # a record's tokens
+R = TypeVar("R")  # what is kept of it
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ def pad_to_block(tokens: Sample, block_size: int, eod_id: int, pad_loss: bool) -
     return Sample(tokens.ids + [eod_id] * extra, tokens.eligible + [pad_loss] * extra, tokens.source)
 
 
+def padded_sample(tokens: ChatTokens, source: str, cfg: SFTDataConfig, eod_id: int) -> Sample:
+    """One tokenized response (from line ``source``) as a sample padded to whole blocks."""
+    return pad_to_block(Sample(tokens.ids, tokens.eligible, source), cfg.block_size, eod_id, cfg.pad_loss)
+
+
 def truncate_sample(sample: Sample, limit: int) -> Sample:
     """Keep the first ``limit`` tokens (the prompt survives, the response is cut)."""
     return Sample(sample.ids[:limit], sample.eligible[:limit], sample.source)
@@ -205,30 +215,52 @@ def raise_if_overlong(stats: PackStats, cfg: SFTDataConfig) -> None:
         )
 
 
+def load_records(
+    paths: Union[PathLike, Sequence[PathLike]],
+    cfg: SFTDataConfig,
+    tokenize: Callable[[dict], T],
+    fit: Callable[[str, T, PackStats], Optional[R]],
+    what: str,
+    expected: str,
+) -> Tuple[List[R], PackStats]:
+    """The read loop of SFT samples and preference pairs: bad lines are counted, not fatal.
+
+    ``tokenize`` turns a record into tokens or raises :class:`RecordError` (a bad
+    line); ``fit`` pads and length-checks them (``None``: dropped or over-long).
+    Policy ``error`` stops only after every line was read, so the message counts
+    all over-long records; ``what`` / ``expected`` name the items and the line
+    format when nothing usable is left.
+    """
+    stats = PackStats()
+    items: List[R] = []
+    for where, record in iter_jsonl(as_paths(paths), stats.bad):
+        try:
+            tokens = tokenize(record)
+        except RecordError as e:
+            stats.bad.add(where, str(e), e.kind)
+            continue
+        item = fit(where, tokens, stats)
+        if item is not None:
+            items.append(item)
+    raise_if_overlong(stats, cfg)
+    stats.samples = len(items)
+    stats.bad.check(len(items), what, expected)
+    return items, stats
+
+
 def load_sft_samples(
     paths: Union[PathLike, Sequence[PathLike]], tokenizer: Any, cfg: SFTDataConfig
 ) -> Tuple[List[Sample], PackStats]:
     """Read, tokenize, pad and length-check every record; bad lines are counted, not fatal."""
-    stats = PackStats()
-    samples: List[Sample] = []
-    for where, record in iter_jsonl(as_paths(paths), stats.bad):
-        try:
-            tokens = sft_record_tokens(record, tokenizer, cfg.chat_template)
-        except RecordError as e:
-            stats.bad.add(where, str(e), e.kind)
-            continue
-        sample = pad_to_block(Sample(tokens.ids, tokens.eligible, where), cfg.block_size, tokenizer.eod_id, cfg.pad_loss)
-        sample = fit_sample(sample, cfg, stats)
-        if sample is not None:
-            samples.append(sample)
-    raise_if_overlong(stats, cfg)
-    stats.samples = len(samples)
-    stats.bad.check(
-        len(samples), "SFT samples",
+
+    def fit(where: str, tokens: ChatTokens, stats: PackStats) -> Optional[Sample]:
+        return fit_sample(padded_sample(tokens, where, cfg, tokenizer.eod_id), cfg, stats)
+
+    return load_records(
+        paths, cfg, lambda record: sft_record_tokens(record, tokenizer, cfg.chat_template), fit, "SFT samples",
         "each line must be {\"prompt\": ..., \"response\": ...} or {\"messages\": [...]} ending with an "
         "assistant turn, within seq_length tokens",
     )
-    return samples, stats
 
 
 def pack_groups(

@@ -17,12 +17,12 @@ text: a literal mask string in the input is encoded as ordinary characters.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence
 
 from ..errors import DataError
+from .records import read_json_if_present
 
 __all__ = ["Tokenizer", "train_sentencepiece", "MASK_TOKEN", "MASK_TOKEN_CANDIDATES", "EOD_TOKEN_CANDIDATES"]
 
@@ -315,14 +315,7 @@ def _find_mask(lookup, preferred: str) -> Optional[int]:
 
 
 def _sibling_tokenizer_config(path: str) -> dict:
-    cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-    if not os.path.isfile(cfg):
-        return {}
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {cfg!r} ({err}); fix or remove it") from err
+    data = read_json_if_present(os.path.join(os.path.dirname(path), "tokenizer_config.json"), "fix or remove it")
     return data if isinstance(data, dict) else {}
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ import yaml
 
 from ..config.schema import Config, ModelConfig, PostTrainDataConfig
 from ..errors import ConfigError, DataError
+from ..training.loop import Run, StepData
 
 __all__ = ["say", "InitCheckpoint", "init_or_none", "resolve_tokenizer", "resolve_block_size", "data_paths",
            "bundled_path", "PackedSplit", "collate_rows", "print_stats"]
@@ -223,6 +224,32 @@ class PackedSplit:
         per_step = m * dp_size
         steps = max(1, min(iters, -(-n // per_step)))
         return [[i if i < n else None for i in self.positions(0, k, m, dp_rank, dp_size)] for k in range(steps)]
+
+    def step_data(self, base: int, m: int, run: Run, make: Callable[[List[int], range], Any]) -> StepData:
+        """The micro-batches of this rank for the step starting at sample position ``base``.
+
+        ``make(rows, positions)`` builds one micro-batch from the training sequence
+        indices and their global sample positions (the noise seeds).
+        """
+        batches, indices = [], []
+        for k in range(run.micro_batches_per_step):
+            positions = self.positions(base, k, m, run.dp_rank, run.dp_size)
+            rows = [self.index(p)[0] for p in positions]
+            batches.append(make(rows, positions))
+            indices.extend(rows)
+        return StepData(batches, indices)
+
+    def eval_batches(self, m: int, run: Run, iters: int, make: Callable[[List[Optional[int]], List[int]], Any]) -> list:
+        """One single-micro-batch step per :meth:`eval_rows` entry, built by ``make(rows, keys)``.
+
+        The keys seed the noise: the row index, or a distinct negative number for an
+        empty row, so every evaluation sees the same noise.
+        """
+        out = []
+        for rows in self.eval_rows(m, run.dp_rank, run.dp_size, iters):
+            keys = [i if i is not None else -1 - j for j, i in enumerate(rows)]
+            out.append([make(rows, keys)])
+        return out
 
     def state_dict(self) -> dict:
         return {"train_sequences": len(self.train), "valid_sequences": len(self.valid)}

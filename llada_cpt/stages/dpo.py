@@ -267,25 +267,20 @@ class DPOStage:
                          num_pairs=int(data["num_pairs"]))
 
     def step_data(self, run: Run, block_size: int) -> StepData:
-        m = self.cfg.train.micro_batch_size
-        batches, indices = [], []
-        for k in range(run.micro_batches_per_step):
-            positions = PackedSplit.positions(self.position, k, m, run.dp_rank, run.dp_size)
-            rows = [self.split.index(p)[0] for p in positions]
+        def make(rows, positions):
             # a cached reference holds for one draw per sequence; a live one allows fresh noise per epoch
             keys = rows if self.precomputed else list(positions)
-            batches.append(self.make_batch("train", rows, keys, block_size, run.mask_id))
-            indices.extend(rows)
+            return self.make_batch("train", rows, keys, block_size, run.mask_id)
+
+        data = self.split.step_data(self.position, self.cfg.train.micro_batch_size, run, make)
         self.position += self.cfg.train.global_batch_size
-        return StepData(batches, indices)
+        return data
 
     def _valid_batches(self, run: Run, block_size: int, iters: int) -> list[list[PairBatch]]:
-        m = self.cfg.train.micro_batch_size
-        out = []
-        for rows in self.split.eval_rows(m, run.dp_rank, run.dp_size, iters):
-            keys = [i if i is not None else -1 - j for j, i in enumerate(rows)]
-            out.append([self.make_batch("valid", rows, keys, block_size, run.mask_id)])
-        return out
+        def make(rows, keys):
+            return self.make_batch("valid", rows, keys, block_size, run.mask_id)
+
+        return self.split.eval_batches(self.cfg.train.micro_batch_size, run, iters, make)
 
     def eval_data(self, run: Run, block_size: int) -> list[list[PairBatch]]:
         """The held-out pairs with the same noise at every evaluation; the value is their DPO loss."""

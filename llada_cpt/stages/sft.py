@@ -128,24 +128,19 @@ class SFTStage:
                                      complementary=self.cfg.sft.complementary)
 
     def step_data(self, run: Run, block_size: int) -> StepData:
-        m = self.cfg.train.micro_batch_size
-        batches, indices = [], []
-        for k in range(run.micro_batches_per_step):
-            positions = PackedSplit.positions(self.position, k, m, run.dp_rank, run.dp_size)
-            rows = [self.split.index(p)[0] for p in positions]
-            batches.append(self.make_batch(self.split.train, rows, positions, block_size, run.mask_id, "sft"))
-            indices.extend(rows)
+        def make(rows, positions):
+            return self.make_batch(self.split.train, rows, positions, block_size, run.mask_id, "sft")
+
+        data = self.split.step_data(self.position, self.cfg.train.micro_batch_size, run, make)
         self.position += self.cfg.train.global_batch_size
-        return StepData(batches, indices)
+        return data
 
     def eval_data(self, run: Run, block_size: int) -> list[list[DiffusionBatch]]:
         """The held-out sequences with the same noise at every evaluation."""
-        m = self.cfg.train.micro_batch_size
-        out = []
-        for rows in self.split.eval_rows(m, run.dp_rank, run.dp_size, self.cfg.logging.eval_iters):
-            keys = [i if i is not None else -1 - j for j, i in enumerate(rows)]
-            out.append([self.make_batch(self.split.valid, rows, keys, block_size, run.mask_id, "sft-valid")])
-        return out
+        def make(rows, keys):
+            return self.make_batch(self.split.valid, rows, keys, block_size, run.mask_id, "sft-valid")
+
+        return self.split.eval_batches(self.cfg.train.micro_batch_size, run, self.cfg.logging.eval_iters, make)
 
     def forward_backward(self, run: Run, batches: List[DiffusionBatch], forward_only: bool) -> StepResult:
         return forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)

@@ -15,11 +15,12 @@ block-diffusion layout is done by ``llada_cpt.parallel``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,25 +67,23 @@ def check_world_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
     for name, value in sizes.items():
         if value < 1:
             raise ConfigError(f"parallel.{name}={value} must be >= 1")
-    model = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-    if world_size % model:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size "
-            f"({p.tensor_model_parallel_size}) x pipeline_model_parallel_size "
-            f"({p.pipeline_model_parallel_size}) x context_parallel_size ({p.context_parallel_size}) "
-            f"= {model}; change the parallel sizes or the number of processes"
-        )
-    dp = world_size // model
+    tp, pp, cp, ep = sizes  # the names, in the order above
+    model = _divisor_of_world(world_size, sizes, (tp, pp, cp))
     # experts are sharded over expert-TP x EP ranks inside each pipeline stage (Megatron's rule)
-    expert = p.tensor_model_parallel_size * p.expert_model_parallel_size * p.pipeline_model_parallel_size
-    if world_size % expert:
+    _divisor_of_world(world_size, sizes, (tp, ep, pp))
+    return world_size // model
+
+
+def _divisor_of_world(world_size: int, sizes: Dict[str, int], names: Sequence[str]) -> int:
+    """The product of the named sizes; a :class:`ConfigError` naming each factor unless it divides the world."""
+    product = math.prod(sizes[n] for n in names)
+    if world_size % product:
+        factors = " x ".join(f"{n} ({sizes[n]})" for n in names)
         raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size "
-            f"({p.tensor_model_parallel_size}) x expert_model_parallel_size ({p.expert_model_parallel_size}) "
-            f"x pipeline_model_parallel_size ({p.pipeline_model_parallel_size}) = {expert}; "
-            f"change the parallel sizes or the number of processes"
+            f"world size {world_size} is not divisible by {factors} = {product}; "
+            "change the parallel sizes or the number of processes"
         )
-    return dp
+    return product
 
 
 def _free_port() -> int:
