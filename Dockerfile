@@ -5,7 +5,7 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 
-ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 OMP_NUM_THREADS=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 OMP_NUM_THREADS=1
 WORKDIR /workspace/llada-cpt
 COPY . .
 # Keep the image's torch / TE / apex: install our package and its GPU-side extras only.

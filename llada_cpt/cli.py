@@ -46,11 +46,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f" Did you mean `{close[0]}`?" if close else ""
         print(f"llada-cpt: unknown command `{name}`.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
     try:
+        module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except UserError as err:
-        print(f"llada-cpt {name}: error: {err}", file=sys.stderr)
+        line = f"llada-cpt {name}: error: {err}"
+        from .stages.launcher import report_error
+
+        if not report_error(line):  # in a rank of `--nproc` / launch/*.sh the launcher prints it once
+            print(line, file=sys.stderr, flush=True)
         return 2
 
 

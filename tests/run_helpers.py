@@ -170,8 +170,10 @@ def _stop_worker(step_seconds: float, steps: int) -> int:
         time.sleep(step_seconds)  # "a training step"; signal handlers run, the sleep goes on (PEP 475)
         if stop.requested:
             print(f"rank {rank} stopping after step {step} ({stop.signame})", flush=True)
+            dist.destroy_process_group()
             return EXIT_REQUEUE
     print(f"rank {rank} finished", flush=True)
+    dist.destroy_process_group()
     return 0
 
 

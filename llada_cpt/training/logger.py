@@ -1,6 +1,13 @@
-"""One console line per logging interval, the same scalars in TensorBoard, and an ETA."""
+"""One console line per logging interval, the same scalars in TensorBoard, and an ETA.
+
+With ``jsonl_path`` every step's values are also appended, unaveraged and at full
+precision, as one JSON object per line (``{"step": N, "loss": ...}``): the record
+that resume and fault tests compare.  A resumed run appends; steps repeated after
+a crash appear twice and the later line is the one that counts.
+"""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -35,7 +42,7 @@ class TrainLogger:
     """Accumulates per-step values and prints / writes their interval means on the logging rank."""
 
     def __init__(self, total_steps: int, tensorboard_dir: Optional[str], enabled: bool, peak_flops: Optional[float],
-                 world_size: int, start_step: int = 0):
+                 world_size: int, start_step: int = 0, jsonl_path: Optional[str] = None):
         self.total_steps = total_steps
         self.enabled = enabled
         self.peak_flops = peak_flops
@@ -46,6 +53,11 @@ class TrainLogger:
 
             Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(tensorboard_dir)
+        self.step = start_step
+        self.jsonl = None
+        if enabled and jsonl_path:
+            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(jsonl_path, "a", encoding="utf-8")
         self._reset(start_step)
         self.run_start = time.time()
         self.run_start_step = start_step
@@ -63,6 +75,10 @@ class TrainLogger:
         self.n += 1
         self.tokens += tokens
         self.flops += flops
+        self.step += 1  # record() is called once per optimizer step
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": self.step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            self.jsonl.flush()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
@@ -109,6 +125,9 @@ class TrainLogger:
         return line
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

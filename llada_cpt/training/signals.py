@@ -5,13 +5,16 @@ and exit with :data:`EXIT_REQUEUE`, which ``launch/slurm.sbatch`` turns into a
 requeue; a second signal exits at once.  Ranks agree on the stop through an
 all-reduce so that every rank saves the same step even when only one of them
 received the signal.  Launchers that cannot deliver signals to the ranks
-(Slurm batch scripts with srun + torchrun in between) instead touch the file
-named by ``LLADA_CPT_STOP_FILE``, which is polled at the same point.
+(Slurm batch scripts with srun + torchrun in between, and
+``llada_cpt.stages.launcher``, which must not forward a signal the ranks may
+already have had) instead touch the file named by ``LLADA_CPT_STOP_FILE``,
+which is polled at the same point.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Optional
 
 import torch
@@ -19,6 +22,7 @@ import torch.distributed as dist
 
 EXIT_REQUEUE = 3  # "checkpoint saved, please run me again"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_FILE_ENV = "LLADA_CPT_STOP_FILE"
 
 
 class StopRequest:
@@ -32,6 +36,12 @@ class StopRequest:
         req = cls()
         for sig in SIGNALS:
             signal.signal(sig, req._handler)
+        if "megatron.core" in sys.modules:  # a process that can save Megatron checkpoints (the training loop)
+            # a scheduler signals every process of the job, the checkpoint writer's helper too: keep it
+            # alive so that the save the stop asks for can complete
+            from megatron_patches import checkpoint_writer
+
+            checkpoint_writer.apply()
         return req
 
     def _handler(self, signum, _frame) -> None:
@@ -45,7 +55,7 @@ class StopRequest:
         """Collective: True on every rank once any rank has been signalled (call once per step)."""
         if self._agreed:
             return True
-        stop_file = os.environ.get("LLADA_CPT_STOP_FILE")
+        stop_file = os.environ.get(STOP_FILE_ENV)
         if not self._local and stop_file and os.path.exists(stop_file):
             self._local, self.signame = True, "stop file"
         flag = torch.tensor([1 if self._local else 0], dtype=torch.int32)

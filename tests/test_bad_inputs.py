@@ -1,0 +1,154 @@
+"""Bad configs and data across the CLIs: one clear error line, exit code 2, no traceback, no partial output.
+
+Each case runs the real ``llada-cpt`` process.  Some errors are found before any
+rank starts (config validation), others inside the ranks of ``--nproc 2`` or of
+the launcher that launch/*.sh use: those must reach the user as the same single
+line (the launcher prints it once), not as two ranks' messages plus torchrun's report.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, NamedTuple
+
+import pytest
+
+from run_helpers import TINY_CONFIG, assert_clean_error, cli, run
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The embedded demo's tokenizer and datasets (the shared cache; built on first use)."""
+    from llada_cpt.data.demo_corpus import ensure_demo_data
+
+    return ensure_demo_data(None)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory, demo):
+    """A SentencePiece model with a much smaller vocabulary than the demo data was tokenized with."""
+    from llada_cpt.data.demo_corpus import demo_documents
+    from llada_cpt.data.tokenizer import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("tok") / "small.model"
+    tok = train_sentencepiece((text for _, text in demo_documents(300_000)), path, vocab_size=512, num_threads=1)
+    assert tok.vocab_size < demo.vocab_size
+    return path
+
+
+class Case(NamedTuple):
+    name: str
+    argv: Callable  # (tmp, demo, small_tokenizer) -> argv list
+    command: str  # `llada-cpt <command>: error:` prefix
+    needles: tuple  # substrings of the error line
+    outputs: Callable = lambda tmp: [tmp / "ck"]  # paths that must not exist afterwards
+
+
+def train(tmp: Path, *args: str) -> List[str]:
+    return cli("train", "-c", str(TINY_CONFIG), "train.train_steps=1", f"checkpoint.save_dir={tmp / 'ck'}", *args)
+
+
+def corpus_file(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def preprocess(tmp: Path, inputs: List[str], tokenizer: str) -> List[str]:
+    return cli("preprocess", "--input", *inputs, "--tokenizer", tokenizer, "--output-prefix",
+               str(tmp / "out" / "ds"), "--quiet", "--workers", "1")
+
+
+def preprocess_outputs(tmp: Path) -> List[Path]:
+    return [tmp / "out" / f"ds{ext}" for ext in (".bin", ".idx", ".meta.json")]
+
+
+CASES = [
+    # --- found before any rank starts
+    Case("config file missing", lambda t, d, s: train(t, "-c", str(t / "nope.yaml")), "train",
+         ("config file", "nope.yaml", "does not exist")),
+    Case("unknown config key", lambda t, d, s: train(t, "model.num_layer=2"), "train",
+         ("unknown config key `model.num_layer`", "Did you mean `model.num_layers`")),
+    Case("block size does not divide seq length", lambda t, d, s: train(t, "diffusion.block_schedule=[[3,10]]"),
+         "train", ("block size 3 does not divide data.seq_length=128",)),
+    Case("parallel sizes vs --nproc", lambda t, d, s: train(t, "--nproc", "2", "parallel.pipeline_model_parallel_size=4"),
+         "train", ("2 processes cannot be split", "pipeline(4)")),
+    # --- found inside the ranks of `--nproc N` (N=1 where one rank shows the path: cheaper)
+    Case("tokenizer missing", lambda t, d, s: train(t, "--nproc", "2", "data.demo=false", f"data.tokenizer={t / 'no.model'}",
+                                                    f"data.train_data=[{d.train_prefix}]"),
+         "train", ("tokenizer file", "no.model", "does not exist")),
+    Case("data prefix missing", lambda t, d, s: train(t, "--nproc", "1", "data.demo=false", f"data.tokenizer={d.tokenizer_path}",
+                                                      f"data.train_data=[{t / 'nodata'}]"),
+         "train", ("nodata", "not found")),
+    Case("init_from checkpoint missing", lambda t, d, s: train(t, "--nproc", "1", f"train.init_from={t / 'nockpt'}"),
+         "train", ("checkpoint", "nockpt", "does not exist")),
+    Case("tokenizer smaller than the data's vocabulary",
+         lambda t, d, s: train(t, "--nproc", "1", "data.demo=false", f"data.tokenizer={s}",
+                               f"data.train_data=[{d.train_prefix}]", f"data.valid_data=[{d.valid_prefix}]"),
+         "train", (f"vocabulary of {4096}", "preprocess with this tokenizer")),
+    # --- inside the ranks of the launcher used by launch/torchrun.sh and launch/slurm.sbatch
+    Case("parallel sizes vs ranks (launcher)",
+         lambda t, d, s: [sys.executable, "-m", "llada_cpt.stages.launcher", "--standalone", "--nproc-per-node=2",
+                          "-m", "llada_cpt.cli", *train(t, "parallel.pipeline_model_parallel_size=4")[3:]],
+         "train", ("2 processes cannot be split", "pipeline(4)")),
+    # --- preprocess
+    Case("unreadable JSONL", lambda t, d, s: preprocess(t, [corpus_file(t, "bad.jsonl", b'{"text": "a\n\xff\xfe{oops\n')],
+                                                        d.tokenizer_path),
+         "preprocess", ("no usable documents, nothing written", "corrupt record", "bad.jsonl:1", "bad.jsonl:2"),
+         preprocess_outputs),
+    Case("empty dataset", lambda t, d, s: preprocess(t, [corpus_file(t, "empty.jsonl", b"")], d.tokenizer_path),
+         "preprocess", ("no usable documents, nothing written", "inputs are empty"), preprocess_outputs),
+    Case("preprocess input missing", lambda t, d, s: preprocess(t, [str(t / "none.jsonl")], d.tokenizer_path),
+         "preprocess", ("not found", "none.jsonl"), preprocess_outputs),
+    Case("preprocess tokenizer missing",
+         lambda t, d, s: preprocess(t, [corpus_file(t, "ok.jsonl", b'{"text": "x = 1"}\n')], str(t / "no.model")),
+         "preprocess", ("tokenizer file", "no.model", "does not exist"), preprocess_outputs),
+    # --- merge
+    Case("merge run dir missing",
+         lambda t, d, s: cli("merge", "--run-dir", str(t / "norun"), "--top-k", "2", "--out", str(t / "merged")),
+         "merge", ("norun", "does not exist"), lambda t: [t / "merged"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_error_line_and_no_output(case, tmp_path, demo, small_tokenizer):
+    proc = run(case.argv(tmp_path, demo, small_tokenizer), cwd=tmp_path, timeout=300)
+    assert_clean_error(proc, case.command, *case.needles)
+    for path in case.outputs(tmp_path):
+        assert not path.exists(), f"{path} was created by a failing run"
+    assert not list(tmp_path.rglob("latest")) and not list(tmp_path.rglob("iter_*"))
+
+
+def test_checkpoint_of_another_vocabulary_is_refused(tmp_path):
+    """``check_vocab``: a checkpoint's embedding rows must be this run's vocabulary under its padding."""
+    from dist import run_distributed
+
+    from llada_cpt.errors import UserError
+    from llada_cpt.training.checkpoint import check_vocab
+
+    run_distributed(_save_embedding_only, 1, str(tmp_path / "iter_0000001"), 4096, 128)
+    check_vocab(tmp_path / "iter_0000001", 4096)
+    check_vocab(tmp_path / "iter_0000001", 4000)  # same vocabulary up to padding (e.g. another TP size)
+    for vocab in (512, 4097, 8192):
+        with pytest.raises(UserError, match=rf"embeddings for 4096 tokens .* tokenizer has {vocab} tokens"):
+            check_vocab(tmp_path / "iter_0000001", vocab)
+
+
+def _save_embedding_only(rank: int, world: int, path: str, rows: int, divisible_by: int):
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    import megatron_patches
+
+    megatron_patches.apply()  # CPU: dist_checkpointing would synchronize CUDA
+    torch.distributed.init_process_group("gloo")
+    Path(path).mkdir(parents=True)
+    weight = torch.zeros(rows, 8)
+    dist_checkpointing.save({"embedding": ShardedTensor.from_rank_offsets("embedding.word_embeddings.weight", weight)},
+                            path)
+    (Path(path) / "config.yaml").write_text(json.dumps({"model": {"make_vocab_size_divisible_by": divisible_by},
+                                                        "parallel": {"tensor_model_parallel_size": 1}}))
