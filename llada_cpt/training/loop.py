@@ -124,6 +124,7 @@ def build_run(cfg: Config, stage: Stage) -> Run:
             run.embedding_noise.attach(unwrap(chunk))
     resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:
+        ckpt.check_vocab(resume, vocab_size)
         state = ckpt.load_checkpoint(resume, chunks, optimizer, scheduler)
         run.iteration = int(state["iteration"])
         run.consumed_tokens = int(state["consumed_tokens"])
@@ -134,6 +135,7 @@ def build_run(cfg: Config, stage: Stage) -> Run:
         _print(f"resumed from {resume} at step {run.iteration} ({run.consumed_tokens} tokens)")
     elif cfg.train.init_from:
         path = ckpt.resolve_checkpoint(cfg.train.init_from)
+        ckpt.check_vocab(path, vocab_size)
         ckpt.load_checkpoint(path, chunks, optimizer=None, scheduler=None, restore_rng=False)
         _print(f"initialised weights from {path}")
     return run
