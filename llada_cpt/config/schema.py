@@ -140,7 +140,7 @@ class RLConfig:
     kl_coef: float = 0.0  # > 0: k3 KL to a frozen copy of the starting checkpoint
     entropy_coef: float = 0.0
     max_forwards: Optional[int] = None  # bound on trajectory forwards per rollout (merges steps beyond it)
-    old_logprobs: str = "recompute"  # recompute: a forward pass of the rollout weights before the update
+    old_logprobs: str = "recompute"  # recompute (forward pass before the update) | rollout (sampler's own)
     # rewards
     correctness_weight: float = 1.0
     format_weight: float = 0.0

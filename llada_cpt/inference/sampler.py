@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
@@ -134,6 +134,8 @@ class GenerationResult:
     num_steps: int  # decoding forwards in which this sequence committed tokens
     eos_id: Optional[int] = None
     text: Optional[str] = None  # decoded completion (up to EOS) when a tokenizer was given
+    # log-prob of each generated token under the model when it was committed (full vocabulary, untempered)
+    token_logprobs: List[float] = field(default_factory=list)
 
     @property
     def completion_ids(self) -> List[int]:
@@ -322,6 +324,7 @@ def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: Sam
     tokens, valid, gen, positions, blocks, end = (t.to(dev) for t in (tokens, valid, gen, positions, blocks, end))
     committed = torch.zeros_like(gen)
     step_map = torch.full((b, T), -1, dtype=torch.long, device=dev)
+    logprobs = torch.zeros((b, T), dtype=torch.float32, device=dev)
     steps_done = torch.zeros(b, dtype=torch.long, device=dev)
     reason = ["length"] * b
     rows = torch.arange(b, device=dev)
@@ -348,6 +351,9 @@ def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: Sam
             logits = denoiser(tokens[rows, start:hi], positions[rows, start:hi], step_cache, hi - lo)
             step_cache.finish()
             forwards += 1
+            # the model's own distribution (all vocabulary rows, mask included), as training scores it:
+            # the log-prob of each committed token is the behaviour policy's, for RL (`rl.old_logprobs=rollout`)
+            full_logp = torch.log_softmax(logits.float(), dim=-1)
             logits = logits[..., : cfg.vocab_size] if cfg.vocab_size else logits
             logits = logits.float()
             logits[..., cfg.mask_id] = float("-inf")  # the mask is never a prediction
@@ -357,6 +363,8 @@ def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: Sam
             tokens[rows, lo:hi] = torch.where(commit, proposal, tokens[rows, lo:hi])
             committed[rows, lo:hi] |= commit
             step_map[rows, lo:hi] = torch.where(commit, steps_done[rows].unsqueeze(1), step_map[rows, lo:hi])
+            chosen = full_logp.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+            logprobs[rows, lo:hi] = torch.where(commit, chosen, logprobs[rows, lo:hi])
             steps_done[rows] += active.long()
             steps_in_block += 1
             if progress is not None:
@@ -382,14 +390,16 @@ def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: Sam
             if rows.numel() == 0:
                 break
     seconds = time.perf_counter() - t0
-    tokens, committed, step_map, steps_done = (t.cpu() for t in (tokens, committed, step_map, steps_done))
+    tokens, committed, step_map, steps_done, logprobs = (t.cpu() for t in (tokens, committed, step_map, steps_done,
+                                                                         logprobs))
     results = []
     for i, p in enumerate(prompts):
         s = int(pad[i]) + len(p)
         n = int(committed[i].sum())
         results.append(GenerationResult(
             prompt_ids=list(p), token_ids=tokens[i, s:s + n].tolist(), step_map=step_map[i, s:s + n].tolist(),
-            finish_reason=reason[i], num_steps=int(steps_done[i]), eos_id=cfg.eos_id))
+            finish_reason=reason[i], num_steps=int(steps_done[i]), eos_id=cfg.eos_id,
+            token_logprobs=logprobs[i, s:s + n].tolist()))
     stats = GenerationStats(sequences=b, generated_tokens=int(committed.sum()), decoding_steps=int(steps_done.sum()),
                             forward_passes=forwards, seconds=seconds)
     return results, stats

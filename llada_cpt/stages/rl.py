@@ -19,7 +19,10 @@ One optimizer step:
    (:func:`llada_cpt.rl.trajectory.build_trajectory_inputs`; steps of different
    blocks share a row, ``rl.max_forwards`` bounds the rows per rollout).
 5. **Old log-probs** recomputed by a forward pass of the current weights before
-   the update (so the first update's ratio is exactly 1), optional reference
+   the update (``rl.old_logprobs=recompute``: the first update's ratio is exactly
+   1) or taken from the sampler at the step that committed each token
+   (``rollout``: no extra pass; equal to the recomputed ones up to float
+   round-off when ``rl.max_forwards`` does not merge steps); optional reference
    log-probs from a frozen copy of the starting checkpoint for the k3 KL.
 6. **PPO-clip** per token (``eps_low`` / ``eps_high``), a mean over all target
    tokens of the global batch (Megatron's per-token normalisation, so it does
@@ -135,10 +138,8 @@ class RLStage:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         r = cfg.rl
-        if r.old_logprobs != "recompute":
-            raise ConfigError(f"rl.old_logprobs=`{r.old_logprobs}` is not available: the sampler does not record "
-                              "token log-probs at rollout yet; use rl.old_logprobs=recompute (exact when "
-                              "rl.max_forwards does not merge steps)")
+        if r.old_logprobs not in ("recompute", "rollout"):
+            raise ConfigError(f"rl.old_logprobs must be recompute or rollout, got `{r.old_logprobs}`")
         self.ppo = PPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef, entropy_coef=r.entropy_coef)
         self.reward = RewardFunction(RewardConfig(correctness_weight=r.correctness_weight,
                                                   format_weight=r.format_weight, speed=r.speed_reward))
@@ -275,9 +276,11 @@ class RLStage:
                     continue
                 traj = build_trajectory_inputs(torch.tensor(g.prompt_ids), torch.tensor(res.token_ids),
                                                torch.tensor(res.step_map), block_size, mask_id, r.max_forwards)
+                # the sampler's log-prob of every token at the step that committed it (behaviour policy)
+                rollout_logp = torch.cat([torch.zeros(len(g.prompt_ids)), torch.tensor(res.token_logprobs)])
                 for f in range(traj.num_forwards):
                     rows.append({"x_t": traj.x_t[f], "x_0": traj.x_0, "target": traj.target[f],
-                                 "advantage": float(adv[gi, ri])})
+                                 "advantage": float(adv[gi, ri]), "rollout_logp": rollout_logp})
         return rows
 
     def _batch(self, rows: List[dict], L: int, pad_id: int) -> RLBatch:
@@ -287,6 +290,7 @@ class RLStage:
         doc = torch.ones((b, L), dtype=torch.long)  # padding: a document of its own
         target = torch.zeros((b, L), dtype=torch.bool)
         adv = torch.zeros((b, L))
+        old = torch.zeros((b, L))
         for i, row in enumerate(rows):
             S = row["x_0"].numel()
             if S > L:
@@ -295,6 +299,7 @@ class RLStage:
             x_t[i, :S], x_0[i, :S], doc[i, :S] = row["x_t"], row["x_0"], 0
             target[i, :S] = row["target"]
             adv[i, :S] = row["advantage"]
+            old[i, :S] = row["rollout_logp"]
         layout = AttentionLayout(doc_ids=doc, block_size=self.cfg.rl.block_size)
         zeros = torch.zeros((b, L))
         pad2 = torch.zeros((b, L), dtype=torch.bool)
@@ -302,7 +307,7 @@ class RLStage:
             input_ids=torch.cat([x_t, x_0], 1), labels=torch.cat([x_0, x_0], 1),
             loss_weight=torch.cat([target.float(), zeros], 1), layout=layout, masked=target, t=torch.ones((b, L)),
             eligible=target, target=torch.cat([target, pad2], 1), advantages=torch.cat([adv, zeros], 1),
-            old_logp=torch.zeros((b, 2 * L)), ref_logp=torch.zeros((b, 2 * L)))
+            old_logp=torch.cat([old, zeros], 1), ref_logp=torch.zeros((b, 2 * L)))
 
     def step_data(self, run: Run, block_size: int) -> StepData:
         self._check_block_size(block_size)
@@ -329,10 +334,12 @@ class RLStage:
         return {k: v / n for k, v in sums.items()}
 
     def _attach_logprobs(self, run: Run, batches: List[RLBatch]) -> None:
+        """Old log-probs: kept from the rollout (``rl.old_logprobs=rollout``) or recomputed now."""
         with torch.no_grad():
-            res = forward_backward(run.model_chunks, batches, forward_only=True, loss_fn=LOGPROBS)
-            for b, out in zip(batches, res.outputs):  # the last pipeline stage holds the loss function
-                b.old_logp = out["logp"].cpu()
+            if self.cfg.rl.old_logprobs == "recompute":
+                res = forward_backward(run.model_chunks, batches, forward_only=True, loss_fn=LOGPROBS)
+                for b, out in zip(batches, res.outputs):  # the last pipeline stage holds the loss function
+                    b.old_logp = out["logp"].cpu()
             if self.ppo.kl_coef:
                 if self.reference is None:
                     from .dpo import build_reference
