@@ -47,18 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _drop_nproc(argv: Sequence[str]) -> list:
-    rest, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--nproc="):
-            skip = False
-            continue
-        skip = a == "--nproc"
-        if not skip:
-            rest.append(a)
-    return rest
-
-
 def _import(args, argv: Sequence[str]) -> int:
     from .hf_import import import_hf, plan_import
 
@@ -70,10 +58,10 @@ def _import(args, argv: Sequence[str]) -> int:
         raise ConvertError(f"--nproc {nproc} must be >= 1")
     plan = plan_import(args.hf, args.out, parallel, args.precision, args.tokenizer, world_size=nproc)
     if launched is None and nproc > 1:
-        from ..stages.launcher import run_elastic
+        from ..stages.launcher import run_elastic, without_nproc
 
         return run_elastic(["--standalone", f"--nproc-per-node={nproc}", "-m", "llada_cpt.cli", "convert",
-                            *_drop_nproc(argv)], prog="llada-cpt convert import")
+                            *without_nproc(argv)], prog="llada-cpt convert import")
     out = import_hf(plan)
     if int(os.environ.get("RANK", "0")) == 0:
         m = plan.model

@@ -67,19 +67,6 @@ def sampler_config(args: argparse.Namespace, info) -> SamplerConfig:
     return cfg
 
 
-def _without_nproc(argv: Sequence[str]) -> List[str]:
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if not a.startswith("--nproc="):
-            rest.append(a)
-    return rest
-
 
 def relaunch(command: str, argv: Sequence[str], args: argparse.Namespace) -> Optional[int]:
     """Start ``--nproc`` ranks running this command (None: already a rank, or a single process)."""
@@ -97,10 +84,10 @@ def relaunch(command: str, argv: Sequence[str], args: argparse.Namespace) -> Opt
         return None
     if args.nproc % args.tp:
         raise ConfigError(f"--nproc {args.nproc} is not a multiple of --tp {args.tp}")
-    from ..stages.launcher import run_elastic
+    from ..stages.launcher import run_elastic, without_nproc
 
     return run_elastic(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "llada_cpt.cli", command,
-                        *_without_nproc(argv)], prog=f"llada-cpt {command}")
+                        *without_nproc(argv)], prog=f"llada-cpt {command}")
 
 
 def warn_settings(info, cfg: SamplerConfig, prompts: Sequence[Sequence[int]]) -> None:

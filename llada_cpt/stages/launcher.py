@@ -178,6 +178,19 @@ def run_elastic(torchrun_argv: Sequence[str], prog: Optional[str] = None) -> int
         shutil.rmtree(work, ignore_errors=True)
 
 
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (what each launched rank runs)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        if not skip:
+            rest.append(a)
+    return rest
+
+
 def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, make_stage: Callable[[Config], object]) -> int:
     argv = list(argv or [])
     args, cfg = parse(argv, stage_name, command)
@@ -188,14 +201,7 @@ def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, mak
         return 0
     if args.nproc and world is None:
         validate(cfg, world_size=args.nproc)
-        rest, skip = [], False
-        for a in argv:  # drop `--nproc N` / `--nproc=N`: the ranks run the command itself
-            if skip or a.startswith("--nproc="):
-                skip = False
-                continue
-            skip = a == "--nproc"
-            if not skip:
-                rest.append(a)
+        rest = without_nproc(argv)  # the ranks run the command itself
         return run_elastic(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "llada_cpt.cli", command, *rest],
                            prog=f"llada-cpt {command}")
     from ..training.distributed import destroy
