@@ -2,8 +2,6 @@
 import math
 import re
 import shutil
-import signal
-from pathlib import Path
 
 import pytest
 

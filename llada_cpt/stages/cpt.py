@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..config.schema import Config
 from ..diffusion.inputs import DiffusionBatch, build_diffusion_batch

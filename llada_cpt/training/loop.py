@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..config.loader import dump_config
 from ..config.schema import Config
 from ..config.validation import validate
 from ..diffusion.inputs import DiffusionBatch
