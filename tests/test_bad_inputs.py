@@ -152,3 +152,14 @@ def _save_embedding_only(rank: int, world: int, path: str, rows: int, divisible_
                             path)
     (Path(path) / "config.yaml").write_text(json.dumps({"model": {"make_vocab_size_divisible_by": divisible_by},
                                                         "parallel": {"tensor_model_parallel_size": 1}}))
+
+
+def test_init_from_a_checkpoint_of_another_vocabulary_is_one_error_line(tmp_path, demo):
+    """Through the CLI: the demo tokenizer (4096 tokens) against a checkpoint with 8192 embedding rows."""
+    from dist import run_distributed
+
+    run_distributed(_save_embedding_only, 1, str(tmp_path / "other" / "iter_0000001"), 8192, 128)
+    proc = run(train(tmp_path, "--nproc", "1", f"train.init_from={tmp_path / 'other' / 'iter_0000001'}"),
+               cwd=tmp_path, timeout=300)
+    assert_clean_error(proc, "train", "embeddings for 8192 tokens", "tokenizer has 4096 tokens")
+    assert not (tmp_path / "ck").exists()
