@@ -113,15 +113,29 @@ def test_config_validation_of_context_parallel_layouts():
 # ----------------------------------------------------------------------------- distributed
 
 
-def _run_blocks(model, ddp, out: str, tag: str) -> dict:
+def run_layouts(layouts: dict, model_cfg: dict, out: str, blocks=BLOCKS) -> dict:
+    """Run every block size under every layout on the ranks at hand; per layout its CP / DP sizes and,
+    per block size, loss, counts, MoE aux losses and the reduced gradients (as plain tensors).
+
+    The first layout builds fresh weights and saves them; every later layout loads them.
+    """
+    from megatron.core import parallel_state
+
     from llada_cpt.training.step import forward_backward
 
-    results = {}
-    for block in BLOCKS:
-        res = forward_backward(ddp, [_batch(block)])
-        _save(model, f"{out}/grads_{tag}_{block}", grads=True)
-        results[block] = {"loss": res.loss, "count": res.num_eligible, "masked": res.num_masked,
-                          "grads": _plain(f"{out}/grads_{tag}_{block}")}
+    results, weights = {}, None
+    for tag, sizes in layouts.items():
+        model, ddp = _setup(ParallelConfig(**sizes, **PLAIN_DDP), model_cfg, weights)
+        if weights is None:
+            weights = f"{out}/weights"
+            _save(model, weights)
+        results[tag] = {"cp": parallel_state.get_context_parallel_world_size(),
+                        "dp": parallel_state.get_data_parallel_world_size()}
+        for block in blocks:
+            res = forward_backward(ddp, [_batch(block)])
+            _save(model, f"{out}/grads_{tag}_{block}", grads=True)
+            results[tag][block] = {"loss": res.loss, "count": res.num_eligible, "masked": res.num_masked,
+                                   "aux": res.aux_losses, "grads": _plain(f"{out}/grads_{tag}_{block}")}
     return results
 
 
@@ -143,16 +157,9 @@ def _layouts(rank: int, world: int, out: str) -> dict:
     CP = 1 reference is thus a DP-only run (equal to one rank, see
     ``test_parallel_equivalence.py``) whose fresh weights every CP layout loads.
     """
-    from megatron.core import parallel_state
-
-    results = {}
+    results = run_layouts(LAYOUTS, MODEL, out)
     for tag, sizes in LAYOUTS.items():
-        weights = None if tag == "cp1" else f"{out}/weights"
-        model, ddp = _setup(ParallelConfig(**sizes, **PLAIN_DDP), MODEL, weights)
-        if weights is None:
-            _save(model, f"{out}/weights")
-        assert parallel_state.get_context_parallel_world_size() == sizes.get("context_parallel_size", 1)
-        results[tag] = {"dp": parallel_state.get_data_parallel_world_size(), **_run_blocks(model, ddp, out, tag)}
+        assert results[tag]["cp"] == sizes.get("context_parallel_size", 1)
     return results
 
 

@@ -18,10 +18,10 @@ import tempfile
 import pytest
 
 from dist import run_distributed
-from llada_cpt.config.schema import ModelConfig, ParallelConfig
+from llada_cpt.config.schema import ModelConfig
 from llada_cpt.model.presets import preset_dict
-from test_context_parallel import DOC_IDS, L, _batch
-from test_parallel_equivalence import TOL, _assert_same_grads, _plain, _save, _setup
+from test_context_parallel import DOC_IDS, L, run_layouts
+from test_parallel_equivalence import TOL, _assert_same_grads
 
 BLOCKS = (4, L)
 # tiny-moe cut to one dense + one MoE layer (4 experts, top-2, aux-loss router); vocab 128 as in the harness
@@ -31,24 +31,7 @@ LAYOUTS = {"cp1": dict(), "cp2": dict(context_parallel_size=2)}
 
 
 def _moe_layouts(rank: int, world: int, out: str) -> dict:
-    from megatron.core import parallel_state
-
-    from llada_cpt.training.step import forward_backward
-
-    results = {}
-    for tag, sizes in LAYOUTS.items():
-        weights = None if tag == "cp1" else f"{out}/weights"
-        model, ddp = _setup(ParallelConfig(**sizes, use_distributed_optimizer=False), MOE, weights)
-        if weights is None:
-            _save(model, f"{out}/weights")
-        results[tag] = {"cp": parallel_state.get_context_parallel_world_size(),
-                        "dp": parallel_state.get_data_parallel_world_size()}
-        for block in BLOCKS:
-            res = forward_backward(ddp, [_batch(block)])
-            _save(model, f"{out}/grads_{tag}_{block}", grads=True)
-            results[tag][block] = {"loss": res.loss, "count": res.num_eligible, "aux": res.aux_losses,
-                                   "grads": _plain(f"{out}/grads_{tag}_{block}")}
-    return results
+    return run_layouts(LAYOUTS, MOE, out, BLOCKS)
 
 
 @pytest.fixture(scope="module")
