@@ -3,7 +3,7 @@
 #
 #   bash kernels/gpu_checks.sh [all|tests|attention|train] [--quick]
 #
-# tests: pytest -m gpu tests/test_kernels_gpu.py; attention: kernels/bench_attention.py;
+# tests: pytest -m gpu tests (kernels, CLI end to end); attention: kernels/bench_attention.py;
 # train: benchmarks/train_step.py (needs megatron-core).  --quick trims the benchmarks
 # to L = 8192 / block 32 and MDLM / packed documents (about a third of the time).
 # Results go to benchmarks/results/ and, when $OUT is set (device tool), to $OUT too.
@@ -39,7 +39,7 @@ if [ $QUICK = 1 ]; then
   TRAIN=(--block-sizes 32 L --warmup 1 --steps 3)
 fi
 if [ $WHAT = all ] || [ $WHAT = tests ]; then
-  step python -m pytest -m gpu tests/test_kernels_gpu.py -q -p no:cacheprovider -rs
+  step python -m pytest -m gpu tests -q -p no:cacheprovider -rs
 fi
 if [ $WHAT = all ] || [ $WHAT = attention ]; then
   step python kernels/bench_attention.py ${BENCH[@]+"${BENCH[@]}"}

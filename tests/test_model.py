@@ -200,6 +200,15 @@ def _check_embedding_noise(model):
     return {"match": bool((changed == expected).all()), "n_changed": int(changed.sum())}
 
 
+def _check_bf16_dtypes():
+    """bf16 precision: every parameter in bf16, the norms too (torch creates those in fp32)."""
+    from llada_cpt.model.provider import build_model
+
+    (model,) = build_model(ModelConfig(**DENSE), ParallelConfig(), "bf16", vocab_size=VOCAB)
+    return {"not_bf16": sorted(n for n, p in model.named_parameters() if p.dtype != torch.bfloat16),
+            "norms": sum("layernorm" in n for n, _ in model.named_parameters())}
+
+
 def _model_checks(rank: int, world: int) -> dict:
     from llada_cpt.training.distributed import initialize
 
@@ -214,6 +223,7 @@ def _model_checks(rank: int, world: int) -> dict:
         "embedding_noise": lambda: _check_embedding_noise(model),
         "dense_features": _check_dense_features,
         "recompute": _check_recompute,
+        "bf16_dtypes": _check_bf16_dtypes,
         "moe_aux_loss": lambda: _check_moe({}),
         "moe_expert_bias": lambda: _check_moe(dict(
             moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
@@ -285,6 +295,12 @@ def test_activation_recompute_gives_same_loss_and_grads(results, granularity):
     r = _get(results, "recompute")[granularity]
     assert r["loss_diff"] <= 1e-6
     assert r["grad_diff"] <= 1e-5 * r["grad_scale"]
+
+
+def test_bf16_model_has_every_parameter_in_bf16(results):
+    res = _get(results, "bf16_dtypes")
+    assert res["norms"] > 0
+    assert res["not_bf16"] == []
 
 
 def test_moe_forward_backward_with_aux_loss(results):

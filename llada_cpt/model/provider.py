@@ -213,5 +213,24 @@ def build_model(
             position_embedding_type="none",
             vp_stage=vp_stage,
         )
+        _place_like_megatron(model, config.params_dtype)
         chunks.append(model)
     return chunks
+
+
+def _place_like_megatron(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter on this rank's GPU and in the model's dtype, as Megatron-LM's ``get_model`` does.
+
+    Why: without Transformer Engine the norms are ``torch.nn.RMSNorm``/``LayerNorm``, created on the
+    CPU in fp32 whatever ``params_dtype``/``use_cpu_initialization`` say.  Training hid it (DDP moves
+    parameters into its GPU buffers), generation and evaluation crashed on a CPU weight, and bf16
+    activations missed torch's fused norm kernel.  Megatron-LM calls ``.cuda()`` and wraps the model
+    in ``Float16Module``; casting in place instead keeps the module paths (checkpoint keys).
+    """
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if dtype == torch.float32:
+        return
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -51,6 +51,7 @@ from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError, DataError
 from ..rl import (DynamicSamplingConfig, PPOConfig, RewardConfig, RewardFunction, build_trajectory_inputs,
                   dynamic_sample, group_advantages, ppo_loss)
+from ..training.distributed import all_reduce_host
 from ..training.loop import Run, StepData
 from ..training.step import StepLoss, StepResult, forward_backward
 from .common import bundled_path, init_or_none, resolve_tokenizer, say
@@ -230,10 +231,8 @@ class RLStage:
         # every rank moves the shared cursor by the largest number of prompts any rank drew
         stats = torch.tensor([counter[0], float(result.skip), result.stats.drawn, result.stats.kept,
                               result.stats.dropped], dtype=torch.float64)
-        totals = stats.clone()
-        if dist.is_initialized():
-            dist.all_reduce(stats[:2], op=dist.ReduceOp.MAX)
-            dist.all_reduce(totals[2:])
+        totals = all_reduce_host(stats)
+        stats = all_reduce_host(stats, dist.ReduceOp.MAX)
         self.cursor += int(stats[0]) * run.dp_size
         info = {"groups_drawn": float(totals[2]), "groups_kept": float(totals[3]), "groups_dropped": float(totals[4])}
         skip = result.reason if result.skip else ("another data-parallel rank could not fill its batch"
@@ -254,8 +253,7 @@ class RLStage:
         tokens = sum(s.generated_tokens for s in self._rollout_stats)
         vals[len(keys) + 3] += tokens
         vals[len(keys) + 4] += forwards
-        if dist.is_initialized():
-            dist.all_reduce(vals)
+        vals = all_reduce_host(vals)
         n = max(float(vals[len(keys) + 2]), 1.0)
         mean = float(vals[0]) / n
         out = {"reward_mean": mean, "reward_std": math.sqrt(max(float(vals[len(keys)]) / n - mean ** 2, 0.0)),
@@ -321,9 +319,7 @@ class RLStage:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eod_id
         batches = [self._batch(rows[i:i + m], L, pad) for i in range(0, max(len(rows), 1), m)]
         # every DP rank must run the same number of micro-batches (pipeline and DDP lockstep)
-        n = torch.tensor([len(batches)])
-        if dist.is_initialized():
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        n = all_reduce_host(torch.tensor([len(batches)]), dist.ReduceOp.MAX)
         batches += [self._batch([], L, pad) for _ in range(int(n) - len(batches))]
         return StepData(batches)
 
@@ -352,8 +348,7 @@ class RLStage:
     def forward_backward(self, run: Run, batches: List[RLBatch], forward_only: bool) -> StepResult:
         self._attach_logprobs(run, batches)
         count = torch.tensor([float(sum(int(b.target.sum()) for b in batches))], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(count, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        count = all_reduce_host(count, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         self._count = float(count)
         res = forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)
         res.metrics.update(self.rollout_metrics)
@@ -373,8 +368,7 @@ class RLStage:
         stats = getattr(results, "stats", None)
         vals = torch.tensor([float(correct), float(len(picks)), float(stats.generated_tokens if stats else 0),
                              float(stats.decoding_steps if stats else 0)], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+        vals = all_reduce_host(vals, group=parallel_state.get_data_parallel_group())
         return {"val_accuracy": float(vals[0]) / max(float(vals[1]), 1.0),
                 "val_tpf": float(vals[2]) / max(float(vals[3]), 1.0), "val_block_size": block_size}
 

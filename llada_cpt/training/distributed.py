@@ -55,6 +55,21 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def all_reduce_host(values: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """All-reduce a small tensor of host-side numbers (counters, flags, stats); returns it on the CPU.
+
+    Why: NCCL reduces device tensors only ("No backend type associated with device type cpu"), so
+    counters built with ``torch.tensor([...])`` travel through the rank's device and come back.
+    A no-op without a process group.
+    """
+    if not dist.is_initialized():
+        return values
+    on_host = dist.get_backend(group) == "gloo"
+    out = values.clone() if on_host else values.to(device())
+    dist.all_reduce(out, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    return out.cpu()
+
+
 def check_world_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
     """Data-parallel size left by ``world_size``; a :class:`ConfigError` naming the sizes if none fits."""
     p = parallel_cfg

@@ -24,6 +24,11 @@ def _fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _fmt_percent(fraction: float) -> str:
+    """``23.2%``; small values keep two significant digits (a tiny model on a GPU: ``0.0041%``, not ``0.0%``)."""
+    return f"{fraction * 100:.1f}%" if fraction >= 0.01 else f"{fraction * 100:.2g}%"
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -113,7 +118,7 @@ class TrainLogger:
             f"mask {means.get('mask_ratio', math.nan):.3f}",
             f"grad {means.get('grad_norm', math.nan):.3f}",
             f"tok/s {_fmt_count(tok_s)}",
-            f"MFU {mfu * 100:.1f}%" if mfu is not None else f"MFU n/a ({achieved / 1e12:.3f} TFLOP/s/dev)",
+            f"MFU {_fmt_percent(mfu)}" if mfu is not None else f"MFU n/a ({achieved / 1e12:.3f} TFLOP/s/dev)",
             f"mem {mem:.2f}GB",
             f"eta {_fmt_time(eta)}",
         ]

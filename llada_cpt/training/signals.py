@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .distributed import all_reduce_host
+
 EXIT_REQUEUE = 3  # "checkpoint saved, please run me again"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_FILE_ENV = "LLADA_CPT_STOP_FILE"
@@ -58,9 +60,7 @@ class StopRequest:
         stop_file = os.environ.get(STOP_FILE_ENV)
         if not self._local and stop_file and os.path.exists(stop_file):
             self._local, self.signame = True, "stop file"
-        flag = torch.tensor([1 if self._local else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce_host(torch.tensor([1 if self._local else 0], dtype=torch.int32), dist.ReduceOp.MAX)
         self._agreed = bool(flag.item())
         if self._agreed and self.signame is None:
             self.signame = "peer"
