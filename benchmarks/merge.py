@@ -16,7 +16,7 @@ and vs the largest tensor.
 Targets (DESIGN section 4 / issue 7): merge input throughput >= 0.8x copy, and
 peak RSS <= 3 x largest tensor + 200 MB.
 
-    python benchmarks/merge.py [--size-gb 2.4] [--num-ckpts 3] [--repeat 2] [--threads 1] [--workdir DIR]
+    python benchmarks/merge.py [--size-gb 2.4] [--num-ckpts 3] [--repeat 3] [--threads 2] [--workdir DIR]
 
 Writes ``benchmarks/results/merge.md`` and ``.json``.
 """
@@ -172,19 +172,25 @@ def _child_measure(work: str, repeat: int, threads: int, ckpts: list[str]) -> No
     paths = [Path(c) for c in ckpts]
     out, copies = Path(work) / "merged", Path(work) / "copies"
     runs = []
+    jobs = {
+        "copy": lambda: [shutil.copytree(c, copies / c.name) for c in paths],
+        "merge": lambda: merge.main(["--ckpts", *ckpts, "--out", str(out), "--no-progress",
+                                     "--threads", str(threads)]),
+    }
     for cache in ("warm", "cold") * repeat:
-        for what in ("copy", "merge"):
+        for what, job in jobs.items():
+            # On a VM, writing into guest memory that the host has not backed (never used, or freed a while
+            # ago and handed back) costs ~10x, and the copy writes 3x the merge's bytes.  So each timed run
+            # follows an untimed run of the same job whose output is deleted just before: both write into
+            # memory the guest has just freed, as on a machine that has been running.
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(copies, ignore_errors=True)
+            job()
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(copies, ignore_errors=True)
             if cache == "cold":
                 _evict(paths)
-            else:
-                _warm(paths)
-            if what == "copy":
-                res = _timed(lambda: [shutil.copytree(c, copies / c.name) for c in paths])
-            else:
-                res = _timed(lambda: merge.main(["--ckpts", *ckpts, "--out", str(out), "--no-progress",
-                                                 "--threads", str(threads)]))
+            res = _timed(job)
             runs.append({"cache": cache, "what": what, **res})
     src = TorchDistCheckpoint(paths[0])
     regions = [r.numel * t.dtype.itemsize for t in src.tensors.values() for r in t.chunks]
@@ -234,8 +240,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gb", type=float, default=2.4, help="total size of the input checkpoints (GB)")
     p.add_argument("--num-ckpts", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=2, help="measurements per (cache, copy|merge); best is kept")
-    p.add_argument("--threads", type=int, default=1, help="llada-cpt merge --threads")
+    p.add_argument("--repeat", type=int, default=3, help="measurements per (cache, copy|merge); best is kept")
+    p.add_argument("--threads", type=int, default=2, help="llada-cpt merge --threads")
     p.add_argument("--workdir", default=None, help="where to generate (default: a temp dir, removed after)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "merge"))
     args = p.parse_args()
@@ -284,6 +290,10 @@ def main() -> int:
             "copy_GBps": in_bytes / copy["wall_s"] / 1e9, "merge_GBps": in_bytes / mrg["wall_s"] / 1e9,
             "throughput_ratio": copy["wall_s"] / mrg["wall_s"],
         }
+    for cache in ("warm", "cold"):
+        walls = {what: sorted(r["wall_s"] for r in measured["runs"] if r["cache"] == cache and r["what"] == what)
+                 for what in ("copy", "merge")}
+        res[cache]["median_ratio"] = walls["copy"][len(walls["copy"]) // 2] / walls["merge"][len(walls["merge"]) // 2]
     res["rss_over_largest"] = res["merge_rss"] / largest
     res["pass_throughput_warm"] = res["warm"]["throughput_ratio"] >= 0.8
     res["pass_throughput_cold"] = res["cold"]["throughput_ratio"] >= 0.8
@@ -312,28 +322,31 @@ def _report(r: dict, stem: Path) -> None:
         f"`llada-cpt merge --ckpts ... --threads {m['threads']}` "
         "(its `main`, in one process after imports; reads every input, writes and fsyncs the output). "
         "Warm: inputs in the page cache; cold: inputs flushed and dropped from the page cache "
-        f"(`POSIX_FADV_DONTNEED`) first. Best of {m['repeat']} each.",
+        f"(`POSIX_FADV_DONTNEED`) first. Best of {m['repeat']} each (and the ratio of the medians).",
         "",
-        "| cache | copy | merge | merge / copy (target >= 0.8x) | CPU s copy / merge |",
-        "|---|---:|---:|---:|---:|",
+        "| cache | copy | merge | merge / copy (target >= 0.8x) | median merge / copy | CPU s copy / merge |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for cache in ("warm", "cold"):
         c = r[cache]
         lines.append(f"| {cache} | {c['copy_GBps']:.2f} GB/s ({c['copy_s']:.2f} s) | {c['merge_GBps']:.2f} GB/s "
                      f"({c['merge_s']:.2f} s) | {c['throughput_ratio']:.2f}x {ok(c['throughput_ratio'] >= 0.8)} | "
-                     f"{c['copy_cpu_s']:.2f} / {c['merge_cpu_s']:.2f} |")
+                     f"{c['median_ratio']:.2f}x | {c['copy_cpu_s']:.2f} / {c['merge_cpu_s']:.2f} |")
     w = r["warm"]
     lines += [
         "",
         f"Python start-up and imports of the merge process: {r['merge_import_s']:.1f} s (not in the times above).",
         "",
-        "Where the time goes: the copy moves bytes from page cache to page cache inside the kernel (`sendfile`); "
-        "the merge must bring every input chunk into process memory (`torch.load`: fresh pages, page faults), "
-        "convert bf16 to fp32, accumulate, convert back, serialise and fsync the output, so it spends "
-        f"{w['merge_cpu_s'] / max(w['copy_cpu_s'], 1e-9):.1f}x the copy's CPU seconds (warm run). Dropping the "
-        f"inputs from the guest's page cache changed the copy from {w['copy_s']:.2f} s to "
-        f"{r['cold']['copy_s']:.2f} s here, so this VM's disk reads are fast and both rows mostly measure CPU "
-        "work.",
+        "How the merge reads and writes: every input chunk stored plainly by DCP (one uncompressed `torch.save` "
+        "record) is located once and read slab by slab (256k elements) with `preadv` into small reused buffers, "
+        "summed in fp32 in cache by `--threads` workers and cast into one of two reused output buffers; DCP's "
+        "writer serialises region i (without the zip CRC-32, which `torch.load` never checks) while region i+1 "
+        "is computed, and each finished file's write-back is started at once so the final fsync finds little "
+        f"left. The copy moves page cache to page cache inside the kernel; the merge spent "
+        f"{w['merge_cpu_s'] / max(w['copy_cpu_s'], 1e-9):.1f}x the copy's CPU seconds (warm). An untimed "
+        "run of the same job came first and its output was deleted just before the timed run: on this VM, writing "
+        "into guest memory that the host has not backed (yet, or again) costs ~10x, and the copy writes 3x the "
+        "merge's bytes.",
         "",
         "| memory | value | target | ok |",
         "|---|---:|---:|:-:|",
@@ -344,10 +357,10 @@ def _report(r: dict, stem: Path) -> None:
         f"| peak RSS minus imports | {mb(r['merge_rss'])} = {r['rss_over_largest']:.2f} x largest | "
         f"<= {mb(r['rss_bound'])} | {ok(r['pass_rss_excluding_imports'])} |",
         "",
-        "Working set (`--threads 1`): a reused fp32 accumulator as large as the largest chunk in fp32, the chunk "
-        "being deserialised by `torch.load`, and the previous output chunk, which DCP's writer still references "
-        "while the next one is computed; it does not grow with the model. The fixed part is the Python process "
-        "with torch and megatron-core imported.",
+        "Working set: two output buffers (the region being written and the next one being computed; at most "
+        "the two largest stored chunks), the workers' slab buffers (a few MB) and DCP/zip metadata; it does not "
+        "grow with the model. The fixed part is the Python process with torch imported (the merge imports no "
+        "Megatron).",
         "",
     ]
     stem.parent.mkdir(parents=True, exist_ok=True)

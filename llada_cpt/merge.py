@@ -35,7 +35,7 @@ import math
 import os
 import shutil
 import sys
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -45,8 +45,9 @@ import yaml
 
 from .checkpoint_io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes,
                             write_torch_dist)
+from .checkpoint_raw import weighted_sum
 from .errors import UserError
-from .training import checkpoint as ckpt
+from . import checkpoint_paths as ckpt
 
 __all__ = [
     "MergeError",
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 DEFAULT_METRIC = "val_ppl"
-DEFAULT_THREADS = 1
+DEFAULT_THREADS = 2  # slab workers per region: the sums are memory-bound, 2 already hide the reads
 # DCP keys of everything that is not model weights (Megatron optimizers save under `optimizer.`)
 NON_MODEL_PREFIXES = ("optimizer.",)
 # model-config fields that choose kernels or initialisation, not the weights' meaning
@@ -293,53 +294,87 @@ def _check_output(out: Path, protected: Sequence[Path]) -> None:
 
 
 class _Averager:
-    """Produces one output region: ``sum_i w_i * x_i`` over the inputs, accumulated in fp32.
+    """Produces the output regions: ``sum_i w_i * x_i`` over the inputs, accumulated in fp32 (fp64 stays fp64).
 
-    The fp32 accumulator is one buffer per thread, reused for every region
-    (sized by the largest): fresh multi-MB allocations cost page faults that
-    rival the arithmetic.  Each region is returned as a new tensor in the stored
-    dtype, so the writer may hold it while the next one is computed.  (Writing
-    the fp32 accumulator itself would save a copy but needs a fresh accumulator
-    per region, and DCP's writer keeps the previous region alive meanwhile:
-    measured, that raised the peak from ~2.5 to ~4 largest chunks.)
+    Direct path (every input stores the region as one plain run of bytes, the usual
+    case): slabs are ``preadv``'d from the files into small reused buffers and summed in
+    cache (:func:`llada_cpt.checkpoint_raw.weighted_sum`), ``threads`` workers per region.
+    Otherwise the region is read through DCP (``read_region``) into a region-sized
+    accumulator.
+
+    Pipelining: while DCP's writer serialises region ``i`` (returned from ``__call__``),
+    region ``i + 1`` is computed in a background thread into the other of two output
+    buffers.  A buffer is reused for region ``i + 2`` only after the writer asked for
+    ``i + 1``, i.e. after it finished writing ``i`` (one writer thread, in plan order, see
+    ``checkpoint_io._LazySavePlanner``); asked out of order, it computes synchronously.
+    Reusing buffers matters: fresh multi-100-MB allocations cost page faults comparable
+    to the arithmetic.  Peak memory: two output regions plus the slab buffers.
     """
 
-    def __init__(self, plan: MergePlan, weights: Sequence[float], progress):
+    def __init__(self, plan: MergePlan, weights: Sequence[float], progress, threads: int = 1):
         self.plan, self.weights, self.progress = plan, list(weights), progress
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self.order = [(t, r) for t in plan.tensors for r in t.regions]
+        self.position = {(t.key, r.offsets): i for i, (t, r) in enumerate(self.order)}
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="merge") if threads > 1 else None
+        self.ahead = ThreadPoolExecutor(1, thread_name_prefix="merge-ahead")
+        self.scratch = [{} for _ in range(threads)]
+        self.slots: List[Optional[torch.Tensor]] = [None, None]
+        self.pending: Optional[Tuple[int, Future]] = None
+        self.direct = self.through_dcp = 0
 
-    def _accumulator(self, region: Region, dtype: torch.dtype) -> torch.Tensor:
-        acc_dtype = torch.promote_types(dtype, torch.float32)
-        if acc_dtype != torch.float32:  # fp64 stays fp64 (rare: not worth a second reusable buffer)
-            return torch.empty(region.sizes, dtype=acc_dtype)
-        buf = getattr(self._local, "buffer", None)
-        if buf is None or buf.numel() < region.numel:
-            self._local.buffer = None  # free the old one before allocating the larger
-            buf = self._local.buffer = torch.empty(region.numel, dtype=torch.float32)
-        return buf[:region.numel].view(region.sizes)
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[1].cancel()
+        self.ahead.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
-    def _advance(self, nbytes: int) -> None:
-        with self._lock:
-            self.progress.update(nbytes)
+    def _output(self, slot: int, region: Region, dtype: torch.dtype) -> torch.Tensor:
+        """A region-sized tensor in the slot's bytes (its storage is exactly the region: DCP's writer
+        clones tensors whose storage is larger).  Slots are sized by the largest region and allocated
+        once, so pages touched by one region serve the next whatever their shapes."""
+        nbytes = region.numel * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(region.sizes, dtype=dtype)
+        if self.slots[slot] is None:
+            self.slots[slot] = torch.empty(self.plan.largest_region_bytes, dtype=torch.uint8)
+        raw = memoryview(self.slots[slot].numpy())[:nbytes]
+        return torch.frombuffer(raw, dtype=dtype).view(region.sizes)
+
+    def _compute(self, index: int) -> torch.Tensor:
+        tensor, region = self.order[index]
+        inputs = self.plan.inputs
+        out = self._output(index % 2, region, tensor.dtype)
+        sources = [src.raw_source(tensor.key, region) for src in inputs] if tensor.dtype.is_floating_point else []
+        if sources and all(s is not None for s in sources):
+            weighted_sum(sources, self.weights, out, self.pool, self.scratch)
+            self.direct += 1
+        elif not tensor.dtype.is_floating_point:
+            inputs[0].read_region(tensor.key, region, out)
+            self.through_dcp += 1
+        else:
+            acc = torch.empty(region.sizes, dtype=torch.promote_types(tensor.dtype, torch.float32))
+            inputs[0].read_region(tensor.key, region, acc)
+            acc.mul_(self.weights[0])
+            for src, w in zip(inputs[1:], self.weights[1:]):
+                src.read_region(tensor.key, region, acc, alpha=w)
+            out.copy_(acc)
+            self.through_dcp += 1
+        self.progress.update(region.numel * tensor.dtype.itemsize * len(inputs))
+        return out
 
     def __call__(self, tensor: OutputTensor, region: Region) -> torch.Tensor:
-        inputs = self.plan.inputs
-        nbytes = region.numel * tensor.dtype.itemsize
-        if not tensor.dtype.is_floating_point:
-            out = torch.empty(region.sizes, dtype=tensor.dtype)
-            inputs[0].read_region(tensor.key, region, out)
-            self._advance(nbytes * len(inputs))
-            return out
-        acc = self._accumulator(region, tensor.dtype)
-        inputs[0].read_region(tensor.key, region, acc)
-        acc.mul_(self.weights[0])
-        self._advance(nbytes)
-        for src, w in zip(inputs[1:], self.weights[1:]):
-            src.read_region(tensor.key, region, acc, alpha=w)
-            self._advance(nbytes)
-        # allocated only now, after the last deserialised chunk is freed
-        return torch.empty(region.sizes, dtype=tensor.dtype).copy_(acc)
+        index = self.position[(tensor.key, region.offsets)]
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == index:
+            out = pending[1].result()
+        else:
+            if pending is not None:  # asked out of order: let it finish, then compute this one here
+                pending[1].result()
+            out = self._compute(index)
+        if index + 1 < len(self.order):
+            self.pending = (index + 1, self.ahead.submit(self._compute, index + 1))
+        return out
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -354,9 +389,9 @@ def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = Tr
     """Write the weighted average of the selection's model weights to the run directory ``out``.
 
     Returns the checkpoint directory (``out/iter_<max iteration>``).  Nothing
-    named ``out`` exists unless the whole merge succeeded.  ``threads`` regions
-    are merged at once (I/O of one overlaps arithmetic of another); peak memory
-    is about ``threads`` times the per-region working set.
+    named ``out`` exists unless the whole merge succeeded.  ``threads`` workers
+    share each region (reads and arithmetic of different slabs overlap); memory
+    grows only by their slab buffers.
     """
     out = Path(out)
     _check_output(out, selection.protected + [c.path for c in selection.chosen])
@@ -366,18 +401,22 @@ def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = Tr
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     name = ckpt.checkpoint_name(iteration)
-    # The per-region copies and adds are memory-bound: PyTorch's intra-op threads only
-    # spin (5-10x the CPU time on a busy node); `threads` parallelises over regions.
+    # The slab copies and adds are memory-bound and cache-sized: PyTorch's intra-op threads
+    # only spin (5-10x the CPU time on a busy node); `threads` splits each region instead.
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)
+    averager = None
     try:
         target = tmp / name
         target.mkdir(parents=True)
         common = {k: v for k, v in plan.inputs[0].common().items() if k.startswith("model")}
         objects = {k: plan.inputs[0].read_object(k) for k in plan.objects}
         with _progress_bar(plan.input_bytes, progress) as bar:
-            write_torch_dist(target, plan.tensors, _Averager(plan, selection.weights, bar), objects, common,
-                             threads=threads)
+            averager = _Averager(plan, selection.weights, bar, threads)
+            write_torch_dist(target, plan.tensors, averager, objects, common)
+        if progress:
+            print(f"merge: {averager.direct} regions read directly from the files, {averager.through_dcp} "
+                  "through torch.distributed.checkpoint", file=sys.stderr)
         config = selection.chosen[0].path / "config.yaml"
         if config.is_file():
             shutil.copyfile(config, target / "config.yaml")
@@ -392,6 +431,10 @@ def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = Tr
         raise
     finally:
         torch.set_num_threads(intra_op)
+        if averager is not None:
+            averager.close()
+        for src in plan.inputs:
+            src.close()
     fsync_path(out.parent)  # make the rename itself durable
     return out / name
 
@@ -442,8 +485,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="new run directory for the merged checkpoint (must not exist)")
     p.add_argument("--dry-run", action="store_true", help="print the selection and checks; write nothing")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help=f"regions merged at once (default {DEFAULT_THREADS}); faster on idle many-core "
-                        "machines, peak memory grows with it")
+                   help=f"worker threads sharing each region (default {DEFAULT_THREADS}); faster on idle "
+                        "multi-core machines, memory grows only by a few MB per thread")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -31,6 +31,10 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 # every architecture, with the features that distinguish it switched on
 ARCHS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    # Llama 3.1 RoPE scaling; original context 16 so that it changes frequencies that positions < 16 see
+    "llama3": ("LlamaConfig", dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=1e6)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32, rope_theta=1e6)),  # head_dim != h/heads
     "qwen3_moe": ("Qwen3MoeConfig", dict(tie_word_embeddings=False, head_dim=16, num_experts=4,
@@ -402,9 +406,9 @@ def test_unsupported_architecture_and_features_are_refused(hf, tmp_path):
     gpt2 = _with_config(src, tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ConvertError, match=r"architecture `gpt2` is not supported; supported .*qwen3_moe"):
         plan_import(gpt2, tmp_path / "out")
-    scaled = _with_config(src, tmp_path / "scaled", rope_scaling={"rope_type": "llama3", "factor": 8.0},
+    scaled = _with_config(src, tmp_path / "scaled", rope_scaling={"rope_type": "yarn", "factor": 8.0},
                           attention_bias=True)
-    with pytest.raises(ConvertError, match=r"RoPE scaling `llama3`.*attention_bias|attention_bias.*RoPE scaling"):
+    with pytest.raises(ConvertError, match=r"RoPE scaling `yarn`.*attention_bias|attention_bias.*RoPE scaling"):
         plan_import(scaled, tmp_path / "out")
     deeper = _with_config(src, tmp_path / "deeper", num_hidden_layers=3)
     with pytest.raises(ConvertError, match=r"do not match its config.json: missing .*model.layers.2"):
@@ -471,12 +475,17 @@ def test_canonical_names_cover_te_spec_and_offsets():
     assert canonical_name("embedding.word_embeddings.weight", 3, 3) == "embedding.word_embeddings.weight"
 
 
-@pytest.mark.parametrize("kind", list(ARCHS))
+@pytest.mark.parametrize("kind", list(ARCHITECTURES) + ["llama3"])
 def test_config_mapping_round_trips(kind):
+    scaled = kind == "llama3"  # Llama with Llama 3.1 RoPE scaling
+    kind = "llama" if scaled else kind
     m = ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
                     kv_channels=32, vocab_size=123, rotary_base=5e5, norm_epsilon=1e-5,
                     qk_layernorm=ARCHITECTURES[kind].qk_norm, add_qkv_bias=ARCHITECTURES[kind].qkv_bias,
                     untie_embeddings_and_output_weights=kind != "llama", max_position_embeddings=256)
+    if scaled:
+        m = ModelConfig(**{**m.__dict__, "rope_scaling": "llama3", "rope_scaling_factor": 32.0,
+                           "rope_original_max_position_embeddings": 4096})
     if ARCHITECTURES[kind].moe:
         m = ModelConfig(**{**m.__dict__, "num_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 32,
                            "moe_first_dense_layers": 1})

@@ -13,6 +13,7 @@ the pytest process: the merge needs no process group.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import traceback
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from dist import run_distributed
-from llada_cpt import checkpoint_io, merge
+from llada_cpt import checkpoint_io, checkpoint_raw, merge
 from llada_cpt.checkpoint_io import OutputTensor, Region, TorchDistCheckpoint, write_torch_dist
 from llada_cpt.cli import main as cli_main
 from llada_cpt.training.checkpoint import resolve_checkpoint
@@ -444,3 +445,127 @@ def test_accumulating_read_target_refuses_other_uses():
         target + 1
     with pytest.raises(RuntimeError, match="update _AddInto"):
         target.sum()
+
+
+# ----------------------------------------------------------------------------- direct reads (checkpoint_raw)
+
+
+def _all_outputs(path: Path) -> dict:
+    ck = TorchDistCheckpoint(path)
+    return {k: ck.read_tensor(k) for k in ck.tensors}
+
+
+def test_direct_reads_equal_dcp_reads_and_refuse_strided_boxes(root):
+    """Every stored chunk, a contiguous run inside one (rows), and a box that is not one run of bytes (columns)."""
+    src = TorchDistCheckpoint(ckpt_dir(root, 200))
+    checked = 0
+    for key, info in src.tensors.items():
+        for chunk in info.chunks:
+            raw = src.raw_source(key, chunk)
+            assert raw is not None, (key, chunk)
+            got = torch.empty(chunk.sizes, dtype=info.dtype)
+            checkpoint_raw.read_exact(raw.fd, got, raw.offset)
+            want = torch.empty(chunk.sizes, dtype=info.dtype)
+            src.read_region(key, chunk, want)
+            assert torch.equal(got, want), key
+            checked += 1
+    assert checked > len(src.tensors)  # the sharded tensors' pieces too
+    whole = global_tensors(200)[EMB]
+    rows = Region((3, 0), (4, COLS))  # rows 3..6 of the single embedding chunk: one run of bytes
+    raw = src.raw_source(EMB, rows)
+    got = torch.empty(rows.sizes, dtype=torch.bfloat16)
+    checkpoint_raw.read_exact(raw.fd, got, raw.offset)
+    assert torch.equal(got, whole[3:7])
+    assert src.raw_source(EMB, Region((0, 2), (VOCAB, 2))) is None  # a column band: strided
+    assert src.raw_source(OUT_W, Region((0, 0), (VOCAB, COLS))) is None  # spans the two stored shards
+    src.close()
+
+
+def test_stored_layout_of_plain_strided_and_non_tensor_records(tmp_path):
+    """torch.save records embedded at an offset of a bigger file, as DCP stores them (CRC on and off)."""
+    import io as _io
+
+    def record(obj, crc: bool) -> bytes:
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(crc)
+        try:
+            buf = _io.BytesIO()
+            torch.save(obj, buf)
+            return buf.getvalue()
+        finally:
+            torch.serialization.set_crc32_options(before)
+
+    t = torch.arange(24, dtype=torch.float32).view(4, 6)
+    cases = [(t, True), (t[1:], False), (t.bfloat16(), False), (t.t(), True), ({"a": 1}, True)]
+    blob, spans = b"x" * 13, []
+    for obj, crc in cases:
+        data = record(obj, crc)
+        spans.append((len(blob), len(data)))
+        blob += data
+    path = tmp_path / "items.bin"
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        layouts = [checkpoint_raw.stored_layout(fd, start, n) for start, n in spans]
+        for (obj, _), layout in zip(cases[:3], layouts[:3]):
+            got = torch.empty(obj.shape, dtype=obj.dtype)
+            checkpoint_raw.read_exact(fd, got, layout.offset)
+            assert layout.shape == tuple(obj.shape) and torch.equal(got, obj)
+        assert layouts[3] is None  # a transposed view is saved with its strides: not one run of bytes
+        assert layouts[4] is None  # not a tensor
+    finally:
+        os.close(fd)
+
+
+def test_direct_path_is_used_and_equals_the_dcp_path_bitwise(root, tmp_path, monkeypatch):
+    """Small slabs and 3 workers (stripes and slab edges inside the tiny tensors) vs reads through DCP only."""
+    calls = []
+    real_sum = merge.weighted_sum
+    monkeypatch.setattr(merge, "weighted_sum", lambda *a, **k: calls.append(1) or real_sum(*a, **k))
+    monkeypatch.setattr(checkpoint_raw, "SLAB_ELEMENTS", 7)
+    direct = tmp_path / "direct"
+    assert run_cli("--run-dir", root / "run", "--top-k", 3, "--out", direct, "--threads", 3) == 0
+    floats = sum(len(i.chunks) for k, i in TorchDistCheckpoint(ckpt_dir(root, 200)).tensors.items()
+                 if i.dtype.is_floating_point and not k.startswith("optimizer."))
+    assert len(calls) == floats
+    monkeypatch.setattr(TorchDistCheckpoint, "raw_source", lambda self, key, region: None)
+    via_dcp = tmp_path / "via_dcp"
+    assert run_cli("--run-dir", root / "run", "--top-k", 3, "--out", via_dcp, "--threads", 1) == 0
+    assert len(calls) == floats  # no direct read the second time
+    a, b = _all_outputs(resolve_checkpoint(direct)), _all_outputs(resolve_checkpoint(via_dcp))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key, want in expected_mean(TOP3, [1, 1, 1]).items():
+        assert_matches(a[key], want)
+
+
+def test_merged_checkpoint_merges_again_through_the_direct_path(root, tmp_path, monkeypatch):
+    """The merge writes records without CRC-32: reading them back directly must still work."""
+    first = tmp_path / "first"
+    assert run_cli("--ckpts", ckpt_dir(root, 200), ckpt_dir(root, 500), "--out", first) == 0
+    src = TorchDistCheckpoint(resolve_checkpoint(first))
+    assert all(src.raw_source(k, c) is not None for k, i in src.tensors.items() for c in i.chunks)
+    again = tmp_path / "again"
+    assert run_cli("--ckpts", first, ckpt_dir(root, 400), "--weights", 2, 1, "--out", again) == 0
+    merged = _all_outputs(resolve_checkpoint(again))
+    half, third = expected_mean([200, 500], [1, 1]), global_tensors(400)
+    for key, ref in half.items():  # the first merge's output is rounded to its dtype (bf16) before the second
+        want = (ref.float() * (2 / 3) + third[key].float() * (1 / 3)).to(ref.dtype) if ref.is_floating_point() else ref
+        assert_matches(merged[key], want)
+
+
+def test_regions_asked_out_of_order_are_still_right(root):
+    """The averager computes the next region ahead; asked in another order it must not hand out a stale one."""
+    from tqdm import tqdm
+
+    plan = merge.plan_merge([ckpt_dir(root, it) for it in TOP3])
+    averager = merge._Averager(plan, [1 / 3] * 3, tqdm(disable=True), threads=2)
+    want = expected_mean(TOP3, [1, 1, 1])
+    try:
+        for tensor, region in reversed(averager.order):
+            got = averager(tensor, region).clone()
+            box = tuple(slice(o, o + n) for o, n in zip(region.offsets, region.sizes))
+            assert_matches(got, want[tensor.key][box])
+    finally:
+        averager.close()

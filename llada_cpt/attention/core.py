@@ -30,7 +30,7 @@ from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
 from ..parallel.cp_attention import gather_context_kv
 from .reference import reference_attention
-from .rope import apply_rotary, rotary_cos_sin
+from .rope import Llama3RopeScaling, apply_rotary, rotary_cos_sin
 
 __all__ = [
     "AttentionBackend",
@@ -84,6 +84,7 @@ class BlockDiffusionAttention(MegatronModule):
 
     backend_name: str = "reference"
     rotary_base: float = 10000.0
+    rotary_scaling: Optional[Llama3RopeScaling] = None
 
     def __init__(
         self,
@@ -147,10 +148,10 @@ class BlockDiffusionAttention(MegatronModule):
                 f"attention layout has {q_pos.shape[1]} local tokens per sequence but the "
                 f"query has {query.shape[0]}"
             )
-        cos, sin = rotary_cos_sin(q_pos, self.head_dim, self.rotary_base)
+        cos, sin = rotary_cos_sin(q_pos, self.head_dim, self.rotary_base, self.rotary_scaling)
         query = apply_rotary(query, cos, sin)
         if k_pos is not q_pos:
-            cos, sin = rotary_cos_sin(k_pos, self.head_dim, self.rotary_base)
+            cos, sin = rotary_cos_sin(k_pos, self.head_dim, self.rotary_base, self.rotary_scaling)
         key = apply_rotary(key, cos, sin)
         # context parallelism: this rank's queries need the (RoPE'd) keys/values of all tokens
         key, value = gather_context_kv(key, value, layout, self.cp_group)
@@ -162,8 +163,9 @@ class BlockDiffusionAttention(MegatronModule):
 
 
 @functools.lru_cache(maxsize=None)
-def block_diffusion_attention_class(backend: str = "reference", rotary_base: float = 10000.0) -> type:
-    """A :class:`BlockDiffusionAttention` subclass with ``backend`` and ``rotary_base`` fixed.
+def block_diffusion_attention_class(backend: str = "reference", rotary_base: float = 10000.0,
+                                    rotary_scaling: Optional[Llama3RopeScaling] = None) -> type:
+    """A :class:`BlockDiffusionAttention` subclass with ``backend`` and the RoPE settings fixed.
 
     Megatron instantiates ``core_attention`` itself (a class, not a ``ModuleSpec``
     with params), so the per-model settings travel as class attributes.
@@ -172,5 +174,6 @@ def block_diffusion_attention_class(backend: str = "reference", rotary_base: flo
     return type(
         f"BlockDiffusionAttention_{backend}",
         (BlockDiffusionAttention,),
-        {"backend_name": backend, "rotary_base": float(rotary_base), "__module__": __name__},
+        {"backend_name": backend, "rotary_base": float(rotary_base), "rotary_scaling": rotary_scaling,
+         "__module__": __name__},
     )

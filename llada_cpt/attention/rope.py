@@ -9,22 +9,56 @@ need no permutation of the q/k projections.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-__all__ = ["inverse_frequencies", "rotary_cos_sin", "rotate_half", "apply_rotary"]
+__all__ = ["Llama3RopeScaling", "inverse_frequencies", "rotary_cos_sin", "rotate_half", "apply_rotary"]
 
 
-def inverse_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:
-    """``base^(-2i/d)`` for ``i < d/2`` (float32)."""
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1+ frequency-dependent RoPE scaling (HF ``rope_type: llama3``).
+
+    Why: those checkpoints were trained with it; leaving it out shifts every low
+    frequency and the imported model is no longer the same function.  Wavelengths
+    longer than ``original / low_freq_factor`` are slowed by ``factor``, shorter than
+    ``original / high_freq_factor`` kept, and the band between interpolated.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        original = float(self.original_max_position_embeddings)
+        low_wavelen = original / self.low_freq_factor
+        high_wavelen = original / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (original / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+
+
+def inverse_frequencies(head_dim: int, base: float, device=None,
+                        scaling: Optional[Llama3RopeScaling] = None) -> torch.Tensor:
+    """``base^(-2i/d)`` for ``i < d/2`` (float32), then ``scaling`` if any."""
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head dimension, got {head_dim}")
     exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
-    return 1.0 / (base**exponent)
+    inv_freq = 1.0 / (base**exponent)
+    return inv_freq if scaling is None else scaling.apply(inv_freq)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float,
+                   scaling: Optional[Llama3RopeScaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos``/``sin`` of shape ``[s, b, 1, d]`` (float32) for ``position_ids`` ``[b, s]``."""
-    inv_freq = inverse_frequencies(head_dim, base, device=position_ids.device)
+    inv_freq = inverse_frequencies(head_dim, base, device=position_ids.device, scaling=scaling)
     freqs = position_ids.transpose(0, 1).float().unsqueeze(-1) * inv_freq  # [s, b, d/2]
     emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
     return emb.cos(), emb.sin()

@@ -20,6 +20,12 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
+    # Llama 3.1+ RoPE scaling (HF rope_type "llama3"); None = plain RoPE
+    rope_scaling: Optional[str] = None  # None | llama3
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-6
     activation: str = "swiglu"  # swiglu | gelu

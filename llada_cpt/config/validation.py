@@ -73,6 +73,12 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
                    f"{m.num_attention_heads}; set model.kv_channels explicitly")
     if m.num_layers % pp:
         out.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_model_parallel_size={pp}")
+    if m.rope_scaling not in (None, "llama3"):
+        out.append(f"model.rope_scaling={m.rope_scaling!r} is not supported; use llama3 (Llama 3.1+) or leave it unset")
+    elif m.rope_scaling and not (m.rope_scaling_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                 and m.rope_original_max_position_embeddings > 0):
+        out.append("model.rope_scaling=llama3 needs rope_scaling_factor > 0, 0 < rope_low_freq_factor < "
+                   "rope_high_freq_factor and rope_original_max_position_embeddings > 0 (Llama 3.1: 8, 1, 4, 8192)")
     if m.num_experts is None and ep > 1:
         out.append(f"parallel.expert_model_parallel_size={ep} needs an MoE model (model.num_experts)")
     if m.num_experts is not None:

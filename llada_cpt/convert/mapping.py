@@ -96,14 +96,33 @@ def detect_architecture(hf: dict) -> Architecture:
 # ----------------------------------------------------------------------------- config mapping
 
 
-def _rope_theta(hf: dict, problems: List[str]) -> float:
+LLAMA3_SCALING_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                       "high_freq_factor": "rope_high_freq_factor",
+                       "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+
+
+def _rope_fields(hf: dict, problems: List[str]) -> dict:
+    """``rotary_base`` and, for Llama 3.1+ (``rope_type: llama3``), the ``rope_scaling*`` fields.
+
+    transformers 4.x writes ``rope_theta`` + ``rope_scaling``, 5.x ``rope_parameters``.
+    """
     params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    fields = {"rotary_base": float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)}
     for scaling in (hf.get("rope_scaling"), params):
-        if isinstance(scaling, dict):
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind not in (None, "default"):
-                problems.append(f"RoPE scaling `{kind}` (our RoPE has none)")
-    return float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+        if not isinstance(scaling, dict):
+            continue
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "llama3":
+            missing = [k for k in LLAMA3_SCALING_KEYS if k not in scaling]
+            if missing:
+                problems.append(f"RoPE scaling `llama3` without {missing}")
+                continue
+            fields["rope_scaling"] = "llama3"
+            for key, ours in LLAMA3_SCALING_KEYS.items():  # cast like our defaults (int or float)
+                fields[ours] = type(getattr(ModelConfig, ours))(scaling[key])
+        elif kind not in (None, "default"):
+            problems.append(f"RoPE scaling `{kind}` (supported: none, llama3)")
+    return fields
 
 
 def _check_full_attention(hf: dict, problems: List[str]) -> None:
@@ -150,7 +169,7 @@ def model_config_from_hf(hf: dict) -> Tuple[Architecture, ModelConfig]:
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true")
     _check_full_attention(hf, problems)
-    theta = _rope_theta(hf, problems)
+    rope = _rope_fields(hf, problems)
     try:
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
@@ -163,7 +182,7 @@ def model_config_from_hf(hf: dict) -> Tuple[Architecture, ModelConfig]:
             kv_channels=int(hf.get("head_dim") or hidden // heads),
             vocab_size=int(hf["vocab_size"]),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            rotary_base=theta,
+            **rope,
             normalization="RMSNorm",
             norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
             activation="swiglu",
@@ -249,10 +268,15 @@ def hf_config_from_model(
         tie_word_embeddings=not m.untie_embeddings_and_output_weights,
     )
     out["dtype" if "dtype" in out else "torch_dtype"] = dtype  # transformers 5 / 4 spelling
+    scaling = None
+    if m.rope_scaling == "llama3":
+        scaling = {"rope_type": "llama3", **{k: getattr(m, ours) for k, ours in LLAMA3_SCALING_KEYS.items()}}
     if isinstance(out.get("rope_parameters"), dict):
-        out["rope_parameters"] = dict(out["rope_parameters"], rope_theta=m.rotary_base)
+        out["rope_parameters"] = {**out["rope_parameters"], **(scaling or {"rope_type": "default"}),
+                                  "rope_theta": m.rotary_base}
     else:
         out["rope_theta"] = m.rotary_base
+        out["rope_scaling"] = scaling
     if arch.model_type in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = False
     if arch.model_type == "llama":

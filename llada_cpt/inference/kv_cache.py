@@ -110,7 +110,8 @@ class KVCache:
         if self._mask is None:
             raise RuntimeError("KVCache used as attention_mask without KVCache.plan() for this forward")
         n, b = query.shape[0], query.shape[1]
-        cos, sin = rotary_cos_sin(self._positions.to(query.device), module.head_dim, module.rotary_base)
+        cos, sin = rotary_cos_sin(self._positions.to(query.device), module.head_dim, module.rotary_base,
+                                  module.rotary_scaling)
         q = apply_rotary(query, cos, sin).permute(1, 2, 0, 3)  # [b, hq, n, d]
         k = apply_rotary(key, cos, sin).permute(1, 2, 0, 3)  # [b, hkv, n, d]
         v = value.permute(1, 2, 0, 3)

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..attention.rope import Llama3RopeScaling
 from ..config.schema import ModelConfig, ParallelConfig
 from ..errors import ConfigError
 from .spec import decoder_block_spec, use_transformer_engine
@@ -178,6 +179,14 @@ def transformer_config(
     return cfg
 
 
+def rope_scaling(model_cfg: ModelConfig) -> Optional[Llama3RopeScaling]:
+    """The RoPE scaling ``model.rope_scaling`` asks for (``llama3``) or None."""
+    if not model_cfg.rope_scaling:
+        return None
+    return Llama3RopeScaling(model_cfg.rope_scaling_factor, model_cfg.rope_low_freq_factor,
+                             model_cfg.rope_high_freq_factor, model_cfg.rope_original_max_position_embeddings)
+
+
 def build_model(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,
@@ -203,7 +212,8 @@ def build_model(
         model = GPTModel(
             config=config,
             transformer_layer_spec=decoder_block_spec(
-                config, model_cfg.attention_backend, model_cfg.rotary_base, vp_stage=vp_stage
+                config, model_cfg.attention_backend, model_cfg.rotary_base, vp_stage=vp_stage,
+                rotary_scaling=rope_scaling(model_cfg),
             ),
             vocab_size=padded,
             max_sequence_length=model_cfg.max_position_embeddings,

@@ -37,12 +37,13 @@ def decoder_block_spec(
     attention_backend: str = "reference",
     rotary_base: float = 10000.0,
     vp_stage: Optional[int] = None,
+    rotary_scaling=None,
 ) -> TransformerBlockSubmodules:
     """Specs of the layers built on this pipeline stage, each with our core attention."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_transformer_engine(), normalization=config.normalization, vp_stage=vp_stage
     )
-    attention = block_diffusion_attention_class(attention_backend, rotary_base)
+    attention = block_diffusion_attention_class(attention_backend, rotary_base, rotary_scaling)
     layers = []
     for spec in block.layer_specs:
         spec = copy.deepcopy(spec)  # dense/MoE specs are shared objects across layers

@@ -31,14 +31,9 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from ..config.loader import dump_config
 from ..errors import UserError
 from ..parallel.expert_checkpoint import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
+from ..checkpoint_paths import (LATEST, checkpoint_name, latest_checkpoint, list_checkpoints,  # noqa: F401
+                                read_metrics, resolve_checkpoint)
 from .distributed import unwrap
-
-LATEST = "latest"
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -54,32 +49,6 @@ def _model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> dict:
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
-
-
-def latest_checkpoint(save_dir: Optional[str | Path]) -> Optional[Path]:
-    """The checkpoint ``latest`` points at, or None when there is none yet."""
-    if not save_dir:
-        return None
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(save_dir) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise UserError(f"{pointer} names `{path.name}`, which is not a complete checkpoint; "
-                        "point `latest` at an existing iter_* directory or remove it to start fresh")
-    return path
-
-
-def list_checkpoints(save_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``*.tmp`` leftovers are ignored)."""
-    root = Path(save_dir)
-    return sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "metadata.json").is_file())
-
-
-def read_metrics(path: str | Path) -> dict:
-    f = Path(path) / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def write_metrics(path: str | Path, metrics: dict) -> None:
@@ -234,19 +203,6 @@ def check_vocab(path: str | Path, vocab_size: int) -> None:
         raise UserError(f"checkpoint `{path}` has embeddings for {rows} tokens (a vocabulary padded to a multiple of "
                         f"{multiple}) but this run's tokenizer has {vocab_size} tokens; use the tokenizer the "
                         "checkpoint was trained with (data.tokenizer), or start without it")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run directory (follows ``latest``) or an iter_* directory."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"checkpoint `{p}` does not exist; pass a run directory or an iter_* directory")
-    if (p / "metadata.json").is_file():
-        return p
-    found = latest_checkpoint(p)
-    if found is None:
-        raise UserError(f"`{p}` holds no checkpoint (no `latest` file and no metadata.json)")
-    return found
 
 
 def apply_retention(save_dir: str | Path, keep_last: int, keep_best: int, metric: str = "val_ppl") -> list[Path]:

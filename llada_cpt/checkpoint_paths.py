@@ -1,0 +1,62 @@
+"""Where a run's checkpoints are: ``latest``, ``iter_*`` names, ``metrics.json`` - no Megatron import.
+
+Offline tools (merge, conversion front ends, the CLI's argument checks) need these
+paths but not Megatron-Core, whose import costs ~1.5 s and ~150 MB of RSS
+(``benchmarks/results/merge.md``).  :mod:`llada_cpt.training.checkpoint`
+re-exports them next to the save / load functions.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+__all__ = ["LATEST", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics",
+           "resolve_checkpoint"]
+
+LATEST = "latest"
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(save_dir: Optional[str | Path]) -> Optional[Path]:
+    """The checkpoint ``latest`` points at, or None when there is none yet."""
+    if not save_dir:
+        return None
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(save_dir) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise UserError(f"{pointer} names `{path.name}`, which is not a complete checkpoint; "
+                        "point `latest` at an existing iter_* directory or remove it to start fresh")
+    return path
+
+
+def list_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``*.tmp`` leftovers are ignored)."""
+    root = Path(save_dir)
+    return sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "metadata.json").is_file())
+
+
+def read_metrics(path: str | Path) -> dict:
+    f = Path(path) / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run directory (follows ``latest``) or an iter_* directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint `{p}` does not exist; pass a run directory or an iter_* directory")
+    if (p / "metadata.json").is_file():
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        raise UserError(f"`{p}` holds no checkpoint (no `latest` file and no metadata.json)")
+    return found
