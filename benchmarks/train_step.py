@@ -4,7 +4,7 @@ One rank, Megatron-Core ``GPTModel`` from ``llada_cpt.model.provider``, the real
 step (``llada_cpt.training.step.forward_backward`` + optimizer step), BDLM block
 32 and MDLM at L = 4096 by default, on packed documents.  FLOPs are counted
 honestly (``llada_cpt.training.flops.step_flops``): linear layers over every
-input token (2L for BDLM, L for MDLM), attention over the allowed (query, key)
+input token (2L for BDLM, L for MDLM; the LM head over the x_t half), attention over the allowed (query, key)
 pairs only; MFU divides by the device's dense bf16 peak.  Every step gets new
 micro-batches (new layouts), so mask building and any recompilation are paid
 as in training.  The backend is switched in place on the same model and
@@ -225,7 +225,7 @@ def markdown(env: dict, args, meta: dict, rows: list[Row]) -> str:
         f"{args.micro_batches} x {args.micro_batch_size} sequences per step, {args.docs} documents; "
         f"mean of {args.steps} steps after {args.warmup} warm-up, each with new micro-batches. "
         "tokens/s counts L per sequence (input tokens: 2L for BDLM); FLOPs: linear layers over all input "
-        "tokens, attention over allowed pairs only (`step_flops`); MFU against "
+        "tokens (LM head: x_t half), attention over allowed pairs only (`step_flops`); MFU against "
         f"{f(meta['peak_flops'] and meta['peak_flops'] / 1e12, '.0f')} TFLOP/s.",
         "",
         "| backend | B | ms/step | tokens/s | input tokens/s | TFLOP/s | MFU | peak GiB | loss | status |",

@@ -20,6 +20,7 @@ with ``--smoke``) with device, versions and date.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -207,16 +208,21 @@ def run_case(case_index: int, case: Case, layout: AttentionLayout, backends, arg
         mode = "fwd+bwd" if backward else "fwd"
         res = Result(case_index, name, mode, "ok")
         step = lambda lay=layout: _step(fn, q, k, v, dout, lay, scale, backward)  # noqa: E731
+        phase = _Phases(name)  # printed as they start: a run killed by a time limit still shows where it was
         try:
             _clear_mask_caches()
-            res.peak_mib = _peak_mib(step, device)  # cold: includes building the mask structure
-            for _ in range(args.warmup):
-                step()
-            res.ms = _time(step, device, args.iters)
+            with phase("cold fwd+bwd (mask build, compile)"):
+                res.peak_mib = _peak_mib(step, device)  # cold: includes building the mask structure
+            with phase(f"{args.warmup} warm-up + {args.iters} timed"):
+                for _ in range(args.warmup):
+                    step()
+                res.ms = _time(step, device, args.iters)
             _clear_mask_caches()
-            res.mask_build_ms = _time(lambda: _build_mask(name, layout, q), device, 1)
+            with phase("mask build"):
+                res.mask_build_ms = _time(lambda: _build_mask(name, layout, q), device, 1)
             fresh = make_layout(case.seq_length, case.block, case.docs, layout.doc_ids.shape[0], 99, device)
-            res.new_layout_ms = _time(lambda: _step(fn, q, k, v, dout, fresh, scale, backward), device, 1)
+            with phase("new layout"):
+                res.new_layout_ms = _time(lambda: _step(fn, q, k, v, dout, fresh, scale, backward), device, 1)
         except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others
             res.status = _error_status(exc)
         finally:
@@ -230,6 +236,22 @@ def run_case(case_index: int, case: Case, layout: AttentionLayout, backends, arg
               + (f"{res.ms:9.2f} ms" if res.ms is not None else "")
               + (f"  {res.peak_mib:9.1f} MiB" if res.peak_mib is not None else ""), flush=True)
     return results
+
+
+class _Phases:
+    """``with phase("what"):`` prints ``what`` when it starts and its seconds when it ends (flushed)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        print(f"    {self.backend}: {what} ...", end="", flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            print(f" {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def _build_mask(name: str, layout: AttentionLayout, q: torch.Tensor) -> None:
@@ -398,19 +420,30 @@ def main(argv=None) -> int:
                 cases.append(case)
                 print(f"L={seq_length} B={block} docs={docs}: {sq}x{sk}, non-empty tiles {fraction:.3f}", flush=True)
                 results += run_case(len(cases) - 1, case, layout, backends, args, device, dtype)
-    verdicts = check_targets(cases, results, args)
+                _write(args, env, cases, results, partial=True)  # a time limit still leaves what was measured
+    verdicts = _write(args, env, cases, results, partial=False)
     for v in verdicts:
         print(f"{v['verdict']:4s}  {v['target']}  [{v['case']}]  {v['detail']}")
     print(f"fastest first: LLADA_ATTENTION_AUTO_ORDER={suggested_auto_order(results)}")
     stem = "attention_smoke" if args.smoke else "attention"
+    print(f"wrote {Path(args.out) / (stem + '.md')} and .json")
+    return 0
+
+
+def _write(args, env: dict, cases: list[Case], results: list[Result], partial: bool) -> list[dict]:
+    """Write the result files (``partial``: after a case, marked as such); returns the target verdicts."""
+    verdicts = check_targets(cases, results, args)
+    stem = "attention_smoke" if args.smoke else "attention"
     out = Path(args.out)
-    payload = dict(environment=env, settings={k: v for k, v in vars(args).items()},
+    payload = dict(environment=env, settings={k: v for k, v in vars(args).items()}, partial=partial,
                    cases=[dataclasses.asdict(c) for c in cases], results=[dataclasses.asdict(r) for r in results],
                    targets=verdicts, auto_order=suggested_auto_order(results))
     write_atomic(out / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
-    write_atomic(out / f"{stem}.md", markdown(env, args, cases, results, verdicts))
-    print(f"wrote {out / (stem + '.md')} and .json")
-    return 0
+    text = markdown(env, args, cases, results, verdicts)
+    if partial:
+        text = text.replace("\n", f"\n\n**Partial: written after case {len(cases)}; the run did not finish.**\n", 1)
+    write_atomic(out / f"{stem}.md", text)
+    return verdicts
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ print(f"torch {torch.__version__} CUDA {torch.version.cuda} cuDNN {torch.backend
 PY
 
 status=0
-step() { echo "=== $*"; "$@"; rc=$?; [ $rc -eq 0 ] || { echo "=== FAILED (rc $rc): $*"; status=1; }; }
+# results are copied to $OUT after every step: a time limit on the whole script keeps what finished
+save() { [ -n "${OUT:-}" ] && cp benchmarks/results/attention.* benchmarks/results/train_step.* "$OUT"/ 2>/dev/null; true; }
+step() { echo "=== $*"; "$@"; rc=$?; save; [ $rc -eq 0 ] || { echo "=== FAILED (rc $rc): $*"; status=1; }; }
 BENCH=(); TRAIN=()
 if [ $QUICK = 1 ]; then
   BENCH=(--seq-lengths 8192 --block-sizes 32 L --docs packed --warmup 2 --iters 5)
@@ -50,8 +52,5 @@ if [ $WHAT = all ] || [ $WHAT = train ]; then
   else
     echo "=== SKIPPED train_step: megatron-core is not installed (put its wheel in $WHEELS)"; status=1
   fi
-fi
-if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/attention.* benchmarks/results/train_step.* "$OUT"/ 2>/dev/null || true
 fi
 exit $status

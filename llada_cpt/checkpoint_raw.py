@@ -242,17 +242,17 @@ def weighted_sum(sources: Sequence[RawSource], weights: Sequence[float], out: to
                  pool: Optional[ThreadPoolExecutor] = None, scratch: Optional[Sequence[dict]] = None) -> None:
     """``out = sum_i weights[i] * source_i`` for a contiguous floating ``out`` of the sources' dtype.
 
-    The element range is cut into one stripe per worker of ``pool`` (each with its
-    own ``scratch`` dict of slab buffers); reads and tensor ops release the GIL.
-    The result is the same bits whatever the number of workers.
+    With a ``pool``, the element range is cut into one stripe per ``scratch`` dict
+    (one per worker: its slab buffers, kept between calls); reads and tensor ops
+    release the GIL.  The result is the same bits whatever the number of workers.
     """
     numel = out.numel()
     flat = out.view(-1)
     for src in sources:
         if src.numel != numel or src.dtype != out.dtype:
             raise ValueError(f"source of {src.numel} {src.dtype} for an output of {numel} {out.dtype}")
-    workers = 1 if pool is None else pool._max_workers  # noqa: SLF001 - the pool's own size
-    scratch = list(scratch or [{} for _ in range(workers)])
+    scratch = list(scratch) if scratch else [{}]
+    workers = len(scratch) if pool is not None else 1
     if workers == 1 or numel <= SLAB_ELEMENTS:
         _sum_range(sources, weights, flat, 0, numel, scratch[0])
         return

@@ -3,11 +3,12 @@
 Averaging the weights of the best few checkpoints of a run (by validation
 perplexity) is a cheap, reliable gain at the end of CPT / SFT (LLaDA2.0 report,
 checkpoint merging).  The merge is *streaming*: it walks the stored chunks of
-every model tensor (one layer of one parameter, or one TP shard of it), reads
-that region from each input, accumulates ``sum_i w_i * x_i`` in fp32 (fp64
-stays fp64) and writes it back in the stored dtype before touching the next
-region, so peak memory is a few regions, never the model.  Chunks are read in
-global coordinates, so inputs saved with different TP/PP/EP layouts merge.
+every model tensor (one layer of one parameter, or one TP shard of it; chunks over
+``MAX_REGION_BYTES`` cut into row runs), reads that region from each input,
+accumulates ``sum_i w_i * x_i`` in fp32 (fp64 stays fp64) and writes it back in the
+stored dtype while the next region is computed, so peak memory is two regions plus
+slab buffers, never the model.  Chunks are read in global coordinates, so inputs
+saved with different TP/PP/EP layouts merge.
 
 Output layout: ``OUT`` is a *run directory* holding one checkpoint and a
 ``latest`` pointer::
@@ -64,6 +65,8 @@ __all__ = [
 ]
 
 DEFAULT_METRIC = "val_ppl"
+# output regions are at most this large (bigger stored chunks are cut in rows): peak memory ~2 of them
+MAX_REGION_BYTES = 64 * 2**20
 DEFAULT_THREADS = 2  # slab workers per region: the sums are memory-bound, 2 already hide the reads
 # DCP keys of everything that is not model weights (Megatron optimizers save under `optimizer.`)
 NON_MODEL_PREFIXES = ("optimizer.",)
@@ -248,6 +251,31 @@ class MergePlan:
         return max((r.numel * t.dtype.itemsize for t in self.tensors for r in t.regions), default=0)
 
 
+def split_regions(chunks: Sequence[Region], itemsize: int, max_bytes: Optional[int] = None) -> Tuple[Region, ...]:
+    """The output regions: the stored chunks, those over ``max_bytes`` cut into runs of whole rows.
+
+    Why: the merge holds two output regions in memory, and a 150k-vocabulary embedding
+    is one multi-GB chunk.  A chunk is cut along its first dimension longer than 1
+    (the ones before it have size 1), so every piece is one contiguous run of the
+    input chunk (the direct read path still applies) and of the global tensor;
+    Megatron's loader reassembles any chunking.  A single row over the limit stays whole.
+    """
+    max_bytes = MAX_REGION_BYTES if max_bytes is None else max_bytes
+    out: List[Region] = []
+    for chunk in chunks:
+        if chunk.numel * itemsize <= max_bytes:
+            out.append(chunk)
+            continue
+        dim = next(d for d, n in enumerate(chunk.sizes) if n > 1)
+        row = chunk.numel // chunk.sizes[dim] * itemsize
+        step = max(1, max_bytes // row)
+        for start in range(0, chunk.sizes[dim], step):
+            n = min(step, chunk.sizes[dim] - start)
+            offsets = chunk.offsets[:dim] + (chunk.offsets[dim] + start,) + chunk.offsets[dim + 1:]
+            out.append(Region(offsets, chunk.sizes[:dim] + (n,) + chunk.sizes[dim + 1:]))
+    return tuple(out)
+
+
 def plan_merge(paths: Sequence[str | Path]) -> MergePlan:
     """Open the inputs and check that they can be merged; names the first mismatching tensor."""
     paths = [Path(p) for p in paths]
@@ -275,7 +303,8 @@ def plan_merge(paths: Sequence[str | Path]) -> MergePlan:
                     f"tensor `{key}` is {tuple(a.shape)} {a.dtype} in {first.path} but "
                     f"{tuple(b.shape)} {b.dtype} in {other.path}; only checkpoints of the same model "
                     "(and precision) can be merged")
-    tensors = [OutputTensor(k, first.tensors[k].shape, first.tensors[k].dtype, first.tensors[k].chunks)
+    tensors = [OutputTensor(k, first.tensors[k].shape, first.tensors[k].dtype,
+                            split_regions(first.tensors[k].chunks, first.tensors[k].dtype.itemsize))
                for k in keys]
     averaged = [t.key for t in tensors if t.dtype.is_floating_point]
     copied = [t.key for t in tensors if not t.dtype.is_floating_point]

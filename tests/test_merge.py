@@ -125,6 +125,9 @@ def _session(rank: int, world: int, root: str) -> dict:
 
     megatron_patches.cpu.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    # every merge of this process cuts stored chunks over 64 bytes into row runs: Megatron's
+    # loader must reassemble the merged tensors from that chunking (qkv layers: 2 rows per piece)
+    merge.MAX_REGION_BYTES = 64
     for it, ppl in RUN.items():
         t = global_tensors(it)
         save_checkpoint(f"{root}/run", it, [_StandIn(t, rank, world)], _StandInOptimizer(t, rank, world), None,
@@ -569,3 +572,29 @@ def test_regions_asked_out_of_order_are_still_right(root):
             assert_matches(got, want[tensor.key][box])
     finally:
         averager.close()
+
+
+def test_split_regions_cuts_big_chunks_into_contiguous_row_runs():
+    chunks = (Region((0, 0, 0), (1, 8, 6)), Region((0, 8, 0), (1, 8, 6)), Region((0,), (3,)))
+    pieces = merge.split_regions(chunks, 4, max_bytes=4 * 6 * 3)  # 3 rows of 6 fp32 per piece
+    assert pieces[:3] == (Region((0, 0, 0), (1, 3, 6)), Region((0, 3, 0), (1, 3, 6)), Region((0, 6, 0), (1, 2, 6)))
+    assert len(pieces) == 7 and pieces[-1] == Region((0,), (3,))
+    assert sum(p.numel for p in pieces) == sum(c.numel for c in chunks)
+    assert merge.split_regions(chunks, 4, max_bytes=10)[0] == Region((0, 0, 0), (1, 1, 6))  # one row stays whole
+
+
+def test_big_chunks_are_merged_in_pieces_through_the_direct_path(root, tmp_path, monkeypatch):
+    """Output regions smaller than the stored chunks: still read directly, same values, more stored chunks."""
+    calls = []
+    real_sum = merge.weighted_sum
+    monkeypatch.setattr(merge, "weighted_sum", lambda *a, **k: calls.append(1) or real_sum(*a, **k))
+    monkeypatch.setattr(merge, "MAX_REGION_BYTES", 24)
+    out = tmp_path / "pieces"
+    assert run_cli("--run-dir", root / "run", "--top-k", 3, "--out", out) == 0
+    merged = TorchDistCheckpoint(resolve_checkpoint(out))
+    first = TorchDistCheckpoint(ckpt_dir(root, 200))
+    assert len(merged.tensors[OUT_W].chunks) > len(first.tensors[OUT_W].chunks)
+    floats = sum(len(merged.tensors[k].chunks) for k in merged.tensors if merged.tensors[k].dtype.is_floating_point)
+    assert len(calls) == floats
+    for key, want in expected_mean(TOP3, [1, 1, 1]).items():
+        assert_matches(merged.read_tensor(key), want)

@@ -93,6 +93,26 @@ def _check_per_token_loss(model):
     return {"shape": tuple(loss.shape), "want": tuple(batch.input_ids.shape), "diff": float((ce.view_as(loss) - loss).abs().max())}
 
 
+def _check_head_on_noised_half(model):
+    """The step's loss with the LM head on the x_t half == the full-head per-token loss; the head sees S/2 rows."""
+    from llada_cpt.diffusion.inputs import build_diffusion_batch
+    from llada_cpt.training.step import forward_backward
+
+    batch = build_diffusion_batch(_tokens(11), DOC_IDS, 4, MASK_ID, generator=torch.Generator().manual_seed(12))
+    rows = []
+    handle = model.output_layer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            res = forward_backward([model], [batch], forward_only=True)
+            rows_step = list(rows)
+            full = model(batch.input_ids, batch.position_ids, attention_mask=batch.layout, labels=batch.labels)
+    finally:
+        handle.remove()
+    want = float((full * batch.loss_weight).sum() / batch.num_eligible)
+    return {"loss": res.loss, "want": want, "rows_step": rows_step, "rows_full": rows[len(rows_step):],
+            "S": batch.input_ids.shape[1]}
+
+
 def _check_not_a_layout(model):
     x0 = _tokens(7)
     try:
@@ -219,6 +239,7 @@ def _model_checks(rank: int, world: int) -> dict:
         "block_size_one": lambda: _check_block_size_one(model),
         "mdlm": lambda: _check_mdlm(model),
         "per_token_loss": lambda: _check_per_token_loss(model),
+        "head_on_noised_half": lambda: _check_head_on_noised_half(model),
         "not_a_layout": lambda: _check_not_a_layout(model),
         "embedding_noise": lambda: _check_embedding_noise(model),
         "dense_features": _check_dense_features,
@@ -269,6 +290,12 @@ def test_labels_give_per_token_loss(results):
     r = _get(results, "per_token_loss")
     assert r["shape"] == r["want"]
     assert r["diff"] < 1e-4
+
+
+def test_lm_head_runs_on_the_noised_half_with_the_full_head_loss(results):
+    res = _get(results, "head_on_noised_half")
+    assert res["rows_step"] == [res["S"] // 2] and res["rows_full"] == [res["S"]]
+    assert res["loss"] == pytest.approx(res["want"], rel=1e-5)
 
 
 def test_dense_mask_tensor_is_rejected(results):

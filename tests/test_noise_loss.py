@@ -1,10 +1,11 @@
 """Noise process, loss weights and the [x_t ; x_0] input builder."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from llada_cpt.diffusion.inputs import build_diffusion_batch
+from llada_cpt.diffusion.inputs import DiffusionBatch, build_diffusion_batch, noised_half
 from llada_cpt.diffusion.loss import elbo_weights, normalised_loss, weighted_loss_terms
 from llada_cpt.diffusion.masks import block_index, document_positions
 from llada_cpt.diffusion.noise import NoiseConfig, complementary_mask, sample_mask, sample_timesteps
@@ -102,3 +103,31 @@ def test_weighted_terms_and_normalisation_independent_of_split(gen):
     expected = sum(ce[i, j] / t[i, j] for i in range(8) for j in range(10) if masked[i, j]) / 80
     assert math.isclose(float(whole), float(expected), rel_tol=1e-5)
     assert float(normalised_loss(torch.tensor(0.0), torch.tensor(0.0))) == 0.0
+
+
+@dataclasses.dataclass
+class _WithIndex(DiffusionBatch):
+    index: torch.Tensor = None
+
+
+def test_noised_half_keeps_the_x_t_half_of_per_token_fields(gen):
+    """The loss's view: [b, S] fields cut to the first half (also under a CP split), [b, L] ones and MDLM kept."""
+    from llada_cpt.parallel.cp_batch import split_batch
+
+    doc = torch.stack([random_doc_ids(16, gen), random_doc_ids(16, gen)])
+    x0 = torch.randint(0, 50, (2, 16), generator=gen)
+    batch = build_diffusion_batch(x0, doc, 4, 99, generator=gen)
+    for b in (batch, split_batch(batch, 2, 1)):
+        # a per-position [b, L] field of a subclass: under CP=2 the local input is as long as L, and kept
+        b = _WithIndex(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b)}, index=doc.clone())
+        half = noised_half(b)
+        assert half.index is b.index
+        S = b.input_ids.shape[1]
+        for name in ("input_ids", "labels", "loss_weight"):
+            assert torch.equal(getattr(half, name), getattr(b, name)[:, :S // 2]), name
+        for name in ("masked", "t", "eligible"):
+            assert getattr(half, name) is getattr(b, name)
+        assert half.layout is b.layout
+        assert float((half.loss_weight).sum()) == float(b.loss_weight.sum())  # no weight on the x_0 half
+    mdlm = build_diffusion_batch(x0, doc, 16, 99, generator=gen)
+    assert noised_half(mdlm) is mdlm

@@ -6,8 +6,9 @@ token ids.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -15,7 +16,7 @@ from .layout import AttentionLayout
 from .loss import elbo_weights
 from .noise import NoiseConfig, complementary_mask, sample_mask, sample_timesteps
 
-__all__ = ["DiffusionBatch", "build_diffusion_batch", "is_mdlm"]
+__all__ = ["noised_half", "DiffusionBatch", "build_diffusion_batch", "is_mdlm"]
 
 
 def is_mdlm(block_size: int, seq_length: int) -> bool:
@@ -26,6 +27,10 @@ def is_mdlm(block_size: int, seq_length: int) -> bool:
 @dataclass
 class DiffusionBatch:
     """Model-ready tensors; ``S = 2L`` (BDLM) or ``L`` (MDLM)."""
+
+    # fields laid out over the model input [b, S] (x_t half first): what noised_half cuts;
+    # subclasses with more per-token fields extend it
+    token_fields: ClassVar[Tuple[str, ...]] = ("input_ids", "labels", "loss_weight")
 
     input_ids: torch.Tensor  # [b, S]
     labels: torch.Tensor  # [b, S] clean tokens (meaningful where loss_weight > 0)
@@ -47,6 +52,31 @@ class DiffusionBatch:
     def mask_ratio(self) -> float:
         """Fraction of eligible tokens that are masked (logged every step)."""
         return float(self.masked.sum()) / max(1, int(self.eligible.sum()))
+
+
+def noised_half(batch: DiffusionBatch) -> DiffusionBatch:
+    """The loss's view of a ``[x_t ; x_0]`` batch: every per-token ``[b, S]`` field cut to its x_t half.
+
+    Only x_t positions carry loss weight, so the LM head and the loss need not see
+    the clean half (``training/step.py`` feeds the head the first half of the
+    hidden states).  The per-token fields are the class's ``token_fields``
+    (``[x_t local ; x_0 local]`` under context parallelism, so the first half is
+    still the x_t half); ``[b, L]`` fields (``masked``/``t``/``eligible``, a
+    subclass's per-position indices) and the layout are kept.  A single-copy
+    layout (MDLM, causal) is returned unchanged.
+    """
+    if batch.layout.num_copies == 1:
+        return batch
+    S = batch.input_ids.shape[1]
+    cut = {}
+    for name in type(batch).token_fields:
+        value = getattr(batch, name)
+        if value is None or value.shape[1] == S // 2:  # absent, or already computed on the half
+            continue
+        if value.shape[1] != S:
+            raise ValueError(f"per-token field `{name}` has {value.shape[1]} positions; the input has {S}")
+        cut[name] = value[:, :S // 2]
+    return dataclasses.replace(batch, **cut)
 
 
 def build_diffusion_batch(

@@ -66,6 +66,8 @@ PPO_SUMS = ("pg_loss", "kl", "entropy", "clip_frac", "ratio")
 class RLBatch(DiffusionBatch):
     """``[x_t ; x_0]`` trajectory rows plus the per-token PPO inputs (``[b, 2L]``, x_t half used)."""
 
+    token_fields = DiffusionBatch.token_fields + ("target", "advantages", "old_logp", "ref_logp")
+
     target: torch.Tensor = None  # bool: tokens trained in this row
     advantages: torch.Tensor = None  # float: the rollout's group-relative advantage on its targets
     old_logp: torch.Tensor = None

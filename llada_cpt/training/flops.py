@@ -1,5 +1,5 @@
-"""Honest FLOP counting for MFU: linear layers over every input token (2L in BDLM),
-attention only over the (query, key) pairs the mask allows."""
+"""Honest FLOP counting for MFU: linear layers over every input token (2L in BDLM; the LM
+head over the x_t half only), attention only over the (query, key) pairs the mask allows."""
 from __future__ import annotations
 
 import torch
@@ -12,8 +12,13 @@ from ..parallel.work import position_cost
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "B200": 2250.0}
 
 
-def step_flops(model: ModelConfig, vocab_size: int, layouts: list[AttentionLayout]) -> float:
-    """Forward+backward FLOPs of one optimizer step over the given micro-batch layouts."""
+def step_flops(model: ModelConfig, vocab_size: int, layouts: list[AttentionLayout],
+               head_on_noised_half: bool = True) -> float:
+    """Forward+backward FLOPs of one optimizer step over the given micro-batch layouts.
+
+    ``head_on_noised_half``: the LM head runs on the x_t half of a ``[x_t ; x_0]`` input
+    only (``training/step.py``; not under sequence parallelism).
+    """
     h = model.hidden_size
     heads = model.num_attention_heads
     d = model.kv_channels or h // heads
@@ -29,12 +34,14 @@ def step_flops(model: ModelConfig, vocab_size: int, layouts: list[AttentionLayou
         mlp_total = n_dense * dense_mlp + (model.num_layers - n_dense) * moe_mlp
     else:
         mlp_total = model.num_layers * dense_mlp
-    per_token = model.num_layers * attn_proj + mlp_total + 2 * h * vocab_size
+    per_token = model.num_layers * attn_proj + mlp_total
+    head = 2 * h * vocab_size
     total = 0.0
     for lay in layouts:
         pairs = float(position_cost(lay.doc_ids, lay.seq_length if lay.mdlm else lay.block_size).sum())
         tokens = lay.doc_ids.numel() * lay.num_copies
-        total += per_token * tokens + model.num_layers * 4 * d * heads * pairs
+        head_tokens = lay.doc_ids.numel() if head_on_noised_half else tokens
+        total += per_token * tokens + head * head_tokens + model.num_layers * 4 * d * heads * pairs
     return 3.0 * total  # backward = 2x forward
 
 

@@ -230,7 +230,10 @@ def _update(run: Run, stage: Stage, data: StepData, block: int, logger: TrainLog
     run.consumed_samples += t.global_batch_size
     mask_ratio = sum(b.mask_ratio for b in data.micro_batches) / max(len(data.micro_batches), 1)
     tokens = sum(b.input_ids.numel() for b in data.micro_batches) * run.dp_size
-    flops = step_flops(cfg.model, run.vocab_size, [b.layout for b in data.micro_batches]) * run.dp_size
+    from .step import head_on_noised_half
+
+    flops = step_flops(cfg.model, run.vocab_size, [b.layout for b in data.micro_batches],
+                       head_on_noised_half(cfg.parallel)) * run.dp_size
     logger.record({**vals, "grad_norm": grad_norm, "mask_ratio": mask_ratio, "skipped": float(bad)}, tokens, flops)
     history.append({"step": run.iteration, "loss": vals["loss"], "block_size": block})
     if run.iteration % cfg.logging.log_interval == 0 or run.iteration == t.train_steps:

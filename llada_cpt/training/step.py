@@ -18,6 +18,7 @@ separately in :attr:`StepResult.aux_losses`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,10 +31,11 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from ..diffusion.inputs import DiffusionBatch
+from ..diffusion.inputs import DiffusionBatch, noised_half
 from ..diffusion.loss import normalised_loss, weighted_loss_terms
 from ..parallel.cp_batch import split_batch
 from .distributed import device as current_device
+from .distributed import unwrap
 
 __all__ = ["StepResult", "StepLoss", "ELBO_LOSS", "forward_backward", "batch_to_device"]
 
@@ -68,7 +70,10 @@ class StepLoss:
     stay independent of the parallel layout).  Other report entries are handed
     back unreduced in :attr:`StepResult.outputs`.  ``logits=True`` calls the model
     without labels: the loss function then gets the vocab-parallel logits
-    ``[b, S, V/tp]`` instead of the per-token cross entropy ``[b, S]``.
+    ``[b, S, V/tp]`` instead of the per-token cross entropy ``[b, S]``.  For a
+    ``[x_t ; x_0]`` batch the head runs on the x_t half only, so ``S`` is that half
+    and ``make`` receives :func:`~llada_cpt.diffusion.inputs.noised_half` of the
+    batch, whose per-token fields line up with it.
     """
 
     make: Callable[[DiffusionBatch], LossFunc]
@@ -107,18 +112,61 @@ ELBO_LOSS = StepLoss(make=lambda batch: partial(_loss_func, batch))
 """The default: ``sum(w * CE) / eligible tokens`` (``diffusion/loss.py``)."""
 
 
+def head_on_noised_half(model_config) -> bool:
+    """Whether the LM head sees only the x_t half of a ``[x_t ; x_0]`` input (see :func:`_noised_half_head`).
+
+    Not under sequence parallelism: the head's input is then scattered along the
+    sequence over TP ranks and gathered inside the output layer, so no rank can
+    cut the halves locally.
+    """
+    return not getattr(model_config, "sequence_parallel", False)
+
+
+@contextlib.contextmanager
+def _noised_half_head(model: torch.nn.Module, enabled: bool):
+    """For the duration of one forward, feed the output layer the first (x_t) half of the hidden states.
+
+    Why: the x_0 half carries no loss (weight 0), yet its logits cost half of the LM
+    head's FLOPs and of the ``[S, b, V]`` logits memory - for a 150k vocabulary the
+    largest activation of the step.  The clean half still runs through every layer
+    (x_t queries attend to its keys); only the head skips it.  Hidden states are
+    ``[S local, b, h]`` with ``[x_t local ; x_0 local]`` also under context
+    parallelism, so the first half is the x_t half on every rank.
+    """
+    module = unwrap(model)
+    head = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
+    if not enabled or head is None:
+        yield
+        return
+
+    def first_half(_module, args, kwargs):
+        if args:
+            return (args[0][: args[0].shape[0] // 2],) + tuple(args[1:]), kwargs
+        h = kwargs["input_"]
+        return args, {**kwargs, "input_": h[: h.shape[0] // 2]}
+
+    handle = head.register_forward_pre_hook(first_half, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
     # context parallelism: every CP rank holds the full micro-batch and keeps its positions
     batch = split_batch(next(data_iterator), parallel_state.get_context_parallel_world_size(),
                         parallel_state.get_context_parallel_rank())
     batch = batch_to_device(batch, device)
-    output = model(
-        batch.input_ids,
-        batch.layout.position_ids(local=True),
-        attention_mask=batch.layout,
-        labels=None if loss.logits else batch.labels,
-    )
-    return output, loss.make(batch)
+    half = batch.layout.num_copies == 2 and head_on_noised_half(get_model_config(model))
+    view = noised_half(batch) if half else batch  # what the head's output lines up with
+    with _noised_half_head(model, half):
+        output = model(
+            batch.input_ids,
+            batch.layout.position_ids(local=True),
+            attention_mask=batch.layout,
+            labels=None if loss.logits else view.labels,
+        )
+    return output, loss.make(view)
 
 
 def _global_terms(store: List[dict], num_metrics: int = 0) -> torch.Tensor:
