@@ -8,6 +8,7 @@ naming the problem and the fix and exit with status 2.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -49,6 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # offline tools leave nothing partial behind (temporary outputs are removed)
+        print(f"llada-cpt {name}: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except UserError as err:
         line = f"llada-cpt {name}: error: {err}"
         from .stages.launcher import report_error

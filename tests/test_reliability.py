@@ -84,15 +84,16 @@ def _launch_stop_workers(tmp_path: Path, step_seconds: float) -> Background:
     return bg
 
 
-@pytest.mark.parametrize("target", ["launcher", "every process"])
-def test_one_stop_signal_is_one_stop_request(tmp_path, target):
+@pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("every process", signal.SIGTERM),
+                                         ("every process", signal.SIGINT)])  # SIGINT to all: Ctrl-C in a terminal
+def test_one_stop_signal_is_one_stop_request(tmp_path, target, sig):
     """Plain torchrun re-sends SIGTERM to ranks that already had it (= 'second signal, exit at once')."""
     bg = _launch_stop_workers(tmp_path, step_seconds=0.2)
     try:
         if target == "launcher":
-            os.kill(bg.proc.pid, signal.SIGTERM)
+            os.kill(bg.proc.pid, sig)
         else:
-            signal_tree(bg.proc.pid, signal.SIGTERM)
+            signal_tree(bg.proc.pid, sig)
         rc = bg.wait(60)
     finally:
         bg.kill()
@@ -102,25 +103,26 @@ def test_one_stop_signal_is_one_stop_request(tmp_path, target):
     if target == "launcher":  # the ranks learn it from the stop file the launcher touched
         assert {why for _, why in stops} <= {"stop file", "peer"} and "stop file" in {w for _, w in stops}
     else:
-        assert {why for _, why in stops} == {"SIGTERM"}
+        assert {why for _, why in stops} == {signal.Signals(sig).name}
     assert "Traceback" not in bg.stderr, bg.stderr[-3000:]
 
 
-def test_second_signal_stops_at_once(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_stops_at_once(tmp_path, sig):
     bg = _launch_stop_workers(tmp_path, step_seconds=120)  # a long step: the first signal cannot finish it
     try:
-        signal_tree(bg.proc.pid, signal.SIGTERM)
+        signal_tree(bg.proc.pid, sig)
         time.sleep(1.0)
         t0 = time.monotonic()
-        signal_tree(bg.proc.pid, signal.SIGTERM)
+        signal_tree(bg.proc.pid, sig)
         rc = bg.wait(30)
         elapsed = time.monotonic() - t0
     finally:
         bg.kill()
-    assert rc == 128 + signal.SIGTERM, f"exit code {rc}\n{bg.stderr[-3000:]}"
+    assert rc == 128 + sig, f"exit code {rc}\n{bg.stderr[-3000:]}"
     assert elapsed < 15
     assert "stopping after step" not in bg.stdout
-    assert "stopped at once by a second SIGTERM" in bg.stderr
+    assert f"stopped at once by a second {signal.Signals(sig).name}" in bg.stderr
 
 
 # --------------------------------------------------------------------------- SIGKILL in the middle of a save

@@ -11,7 +11,7 @@ is torchrun with the semantics a cluster job needs (``launch/torchrun.sh`` and
 * exit codes pass through: 0 finished, 2 user error (its one-line message
   printed once, no launcher traceback), 3 = checkpoint saved after a stop
   request (requeue me), otherwise the first failing rank's code;
-* SIGTERM / SIGUSR1 to the launcher become a stop request through the stop file
+* SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) to the launcher become a stop request through the stop file
   the ranks poll, instead of being re-sent to the ranks as signals: Slurm
   signals every process of a step, so forwarding would turn one preemption
   into the "second signal, exit at once" case.  A second signal to the
@@ -72,7 +72,7 @@ def parse(argv: Sequence[str], stage: str, command: Optional[str] = None) -> tup
 
 
 class _SignalRelay:
-    """Launcher-side SIGTERM / SIGUSR1: first one -> stop file, second -> kill the ranks."""
+    """Launcher-side SIGTERM / SIGUSR1 / SIGINT: first one -> stop file, second -> kill the ranks."""
 
     def __init__(self, stop_file: str, prog: str):
         self.stop_file = stop_file
@@ -138,9 +138,9 @@ def run_elastic(torchrun_argv: Sequence[str], prog: Optional[str] = None) -> int
     os.environ.setdefault(STOP_FILE_ENV, os.path.join(work, "STOP"))  # Slurm sets its own (in the run dir)
     os.environ[ERROR_FILE_ENV] = error_file
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # the agent must leave SIGTERM to us (torch >= 2.6; older versions forward it once to the ranks: also
-    # graceful); newer versions take it as an option that overrides the environment variable
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # the agent must leave SIGTERM and SIGINT to us (torch >= 2.6; older versions forward them once to the
+    # ranks: also graceful); newer versions take it as an option that overrides the environment variable
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     if hasattr(args, "signals_to_handle"):
         args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"]
     relay = _SignalRelay(os.environ[STOP_FILE_ENV], prog).install()
@@ -152,7 +152,7 @@ def run_elastic(torchrun_argv: Sequence[str], prog: Optional[str] = None) -> int
             sig = relay.signum
             print(f"{prog}: stopped at once by a second {signal.Signals(sig).name}; the last complete checkpoint "
                   "stays `latest`", file=sys.stderr, flush=True)
-        else:  # SIGINT / SIGHUP / SIGQUIT, which the agent handles (and forwards to the ranks) itself
+        else:  # SIGHUP / SIGQUIT, which the agent handles (and forwards to the ranks) itself
             sig = err.sigval
             print(f"{prog}: interrupted by {signal.Signals(sig).name}", file=sys.stderr, flush=True)
         return 128 + int(sig)

@@ -1,4 +1,4 @@
-"""Graceful stop on SIGTERM / SIGUSR1 (preemption, Slurm ``--signal``, ``scancel``).
+"""Graceful stop on SIGTERM / SIGUSR1 (preemption, Slurm ``--signal``, ``scancel``) and Ctrl-C (SIGINT).
 
 The first signal asks the loop to save a checkpoint at the next step boundary
 and exit with :data:`EXIT_REQUEUE`, which ``launch/slurm.sbatch`` turns into a
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .distributed import all_reduce_host
 
 EXIT_REQUEUE = 3  # "checkpoint saved, please run me again"
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # Ctrl-C: save and exit, like a preemption
 STOP_FILE_ENV = "LLADA_CPT_STOP_FILE"
 
 
