@@ -303,9 +303,14 @@ def plan_merge(paths: Sequence[str | Path]) -> MergePlan:
                     f"tensor `{key}` is {tuple(a.shape)} {a.dtype} in {first.path} but "
                     f"{tuple(b.shape)} {b.dtype} in {other.path}; only checkpoints of the same model "
                     "(and precision) can be merged")
-    tensors = [OutputTensor(k, first.tensors[k].shape, first.tensors[k].dtype,
-                            split_regions(first.tensors[k].chunks, first.tensors[k].dtype.itemsize))
-               for k in keys]
+    tensors = []
+    for k in keys:
+        info = first.tensors[k]
+        # cut big chunks only where every input stores the same chunks: the pieces are then read directly;
+        # through DCP each piece would deserialise whole stored chunks again
+        same = all(set(o.tensors[k].chunks) == set(info.chunks) for o in inputs[1:])
+        regions = split_regions(info.chunks, info.dtype.itemsize) if same else info.chunks
+        tensors.append(OutputTensor(k, info.shape, info.dtype, regions))
     averaged = [t.key for t in tensors if t.dtype.is_floating_point]
     copied = [t.key for t in tensors if not t.dtype.is_floating_point]
     return MergePlan(inputs, tensors, objects, averaged, copied)

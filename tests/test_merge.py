@@ -598,3 +598,18 @@ def test_big_chunks_are_merged_in_pieces_through_the_direct_path(root, tmp_path,
     assert len(calls) == floats
     for key, want in expected_mean(TOP3, [1, 1, 1]).items():
         assert_matches(merged.read_tensor(key), want)
+
+
+def test_big_chunks_stay_whole_when_the_inputs_are_chunked_differently(root, tmp_path, monkeypatch):
+    """A piece of a chunk read through DCP would deserialise the other input's whole chunk again: no cutting."""
+    src = TorchDistCheckpoint(ckpt_dir(root, 400))
+    whole = tmp_path / "whole" / "iter_0000400"
+    whole.mkdir(parents=True)
+    write_torch_dist(whole, [OutputTensor(k, i.shape, i.dtype, (Region((0,) * len(i.shape), i.shape),))
+                             for k, i in src.tensors.items()], lambda t, r: src.read_tensor(t.key),
+                     {k: src.read_object(k) for k in src.objects})
+    monkeypatch.setattr(merge, "MAX_REGION_BYTES", 24)
+    plan = merge.plan_merge([ckpt_dir(root, 200), whole])
+    regions = {t.key: t.regions for t in plan.tensors}
+    assert regions[OUT_W] == TorchDistCheckpoint(ckpt_dir(root, 200)).tensors[OUT_W].chunks  # 2 shards vs 1
+    assert len(regions[EMB]) > 1  # one chunk in both inputs: cut
