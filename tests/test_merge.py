@@ -453,6 +453,15 @@ def test_accumulating_read_target_refuses_other_uses():
 # ----------------------------------------------------------------------------- direct reads (checkpoint_raw)
 
 
+@pytest.fixture
+def direct_calls(monkeypatch) -> list:
+    """One entry per region the merge sums through the direct read path."""
+    calls = []
+    real_sum = merge.weighted_sum
+    monkeypatch.setattr(merge, "weighted_sum", lambda *a, **k: calls.append(1) or real_sum(*a, **k))
+    return calls
+
+
 def _all_outputs(path: Path) -> dict:
     ck = TorchDistCheckpoint(path)
     return {k: ck.read_tensor(k) for k in ck.tensors}
@@ -520,11 +529,9 @@ def test_stored_layout_of_plain_strided_and_non_tensor_records(tmp_path):
         os.close(fd)
 
 
-def test_direct_path_is_used_and_equals_the_dcp_path_bitwise(root, tmp_path, monkeypatch):
+def test_direct_path_is_used_and_equals_the_dcp_path_bitwise(root, tmp_path, monkeypatch, direct_calls):
     """Small slabs and 3 workers (stripes and slab edges inside the tiny tensors) vs reads through DCP only."""
-    calls = []
-    real_sum = merge.weighted_sum
-    monkeypatch.setattr(merge, "weighted_sum", lambda *a, **k: calls.append(1) or real_sum(*a, **k))
+    calls = direct_calls
     monkeypatch.setattr(checkpoint_raw, "SLAB_ELEMENTS", 7)
     direct = tmp_path / "direct"
     assert run_cli("--run-dir", root / "run", "--top-k", 3, "--out", direct, "--threads", 3) == 0
@@ -583,11 +590,9 @@ def test_split_regions_cuts_big_chunks_into_contiguous_row_runs():
     assert merge.split_regions(chunks, 4, max_bytes=10)[0] == Region((0, 0, 0), (1, 1, 6))  # one row stays whole
 
 
-def test_big_chunks_are_merged_in_pieces_through_the_direct_path(root, tmp_path, monkeypatch):
+def test_big_chunks_are_merged_in_pieces_through_the_direct_path(root, tmp_path, monkeypatch, direct_calls):
     """Output regions smaller than the stored chunks: still read directly, same values, more stored chunks."""
-    calls = []
-    real_sum = merge.weighted_sum
-    monkeypatch.setattr(merge, "weighted_sum", lambda *a, **k: calls.append(1) or real_sum(*a, **k))
+    calls = direct_calls
     monkeypatch.setattr(merge, "MAX_REGION_BYTES", 24)
     out = tmp_path / "pieces"
     assert run_cli("--run-dir", root / "run", "--top-k", 3, "--out", out) == 0
