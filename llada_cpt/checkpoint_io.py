@@ -66,6 +66,7 @@ __all__ = [
     "TensorInfo",
     "TorchDistCheckpoint",
     "OutputTensor",
+    "write_order",
     "write_torch_dist",
     "regions_bytes",
     "add_scaled",
@@ -378,6 +379,12 @@ class OutputTensor:
     regions: Tuple[Region, ...]
 
 
+def write_order(tensors: Sequence[OutputTensor]) -> List[Tuple[OutputTensor, Region]]:
+    """The order in which :func:`write_torch_dist` asks for regions (its plan order), for producers
+    that compute ahead."""
+    return [(t, r) for t in tensors for r in t.regions]
+
+
 class _LazySavePlanner(SavePlanner):
     """A DCP save plan whose tensors are computed only when the writer asks for them.
 
@@ -393,7 +400,7 @@ class _LazySavePlanner(SavePlanner):
         self.tensors = {t.key: t for t in tensors}
         self.objects = objects
         self.produce = produce
-        self.order = [(t, r) for t in tensors for r in t.regions]  # == plan order
+        self.order = write_order(tensors)
         self.position = {(t.key, r.offsets): i for i, (t, r) in enumerate(self.order)}
         self.produced = 0
 

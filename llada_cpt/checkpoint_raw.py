@@ -49,18 +49,11 @@ _STORAGE_DTYPES = {
 
 @dataclass(frozen=True)
 class StoredLayout:
-    """A stored chunk: ``numel`` elements of ``dtype`` at byte ``offset`` of its file, C-contiguous, ``shape``."""
+    """A stored chunk: C-contiguous values of ``dtype`` and ``shape`` at byte ``offset`` of its file."""
 
     offset: int
     dtype: torch.dtype
     shape: Tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
 
 
 @dataclass(frozen=True)

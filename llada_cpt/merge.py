@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from .checkpoint_io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes,
-                            write_torch_dist)
+                            write_order, write_torch_dist)
 from .checkpoint_raw import weighted_sum
 from .errors import UserError
 from . import checkpoint_paths as ckpt
@@ -347,7 +347,7 @@ class _Averager:
 
     def __init__(self, plan: MergePlan, weights: Sequence[float], progress, threads: int = 1):
         self.plan, self.weights, self.progress = plan, list(weights), progress
-        self.order = [(t, r) for t in plan.tensors for r in t.regions]
+        self.order = write_order(plan.tensors)
         self.position = {(t.key, r.offsets): i for i, (t, r) in enumerate(self.order)}
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="merge") if threads > 1 else None
         self.ahead = ThreadPoolExecutor(1, thread_name_prefix="merge-ahead")

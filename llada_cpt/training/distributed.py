@@ -56,16 +56,16 @@ def device() -> torch.device:
 
 
 def all_reduce_host(values: torch.Tensor, op=None, group=None) -> torch.Tensor:
-    """All-reduce a small tensor of host-side numbers (counters, flags, stats); returns it on the CPU.
+    """All-reduce a small tensor (counters, flags, stats) wherever it lives; returns a copy on the CPU.
 
-    Why: NCCL reduces device tensors only ("No backend type associated with device type cpu"), so
-    counters built with ``torch.tensor([...])`` travel through the rank's device and come back.
-    A no-op without a process group.
+    Why: NCCL reduces device tensors only ("No backend type associated with device type cpu") and
+    gloo is for host tensors, so the values travel to the device the backend reduces on and come
+    back.  ``values`` itself is left unchanged.  Without a process group: the values, on the CPU.
     """
     if not dist.is_initialized():
-        return values
-    on_host = dist.get_backend(group) == "gloo"
-    out = values.clone() if on_host else values.to(device())
+        return values.cpu()
+    where = torch.device("cpu") if dist.get_backend(group) == "gloo" else device()
+    out = values.to(where, copy=True)
     dist.all_reduce(out, op=op if op is not None else dist.ReduceOp.SUM, group=group)
     return out.cpu()
 

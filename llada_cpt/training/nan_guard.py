@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .distributed import all_reduce_host
 
 __all__ = ["TrainingDiverged", "grads_finite", "global_data_indices", "describe_indices"]
 
@@ -55,11 +56,7 @@ def grads_finite(model_chunks: Sequence[torch.nn.Module]) -> bool:
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     for g in grads:  # one parameter at a time: no full-size temporary
         bad |= (~torch.isfinite(g).all()).to(torch.int32)
-    if dist.is_initialized():
-        if dist.get_backend() == "gloo" and bad.device.type != "cpu":
-            bad = bad.cpu()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    return not bool(all_reduce_host(bad, dist.ReduceOp.MAX).item())
 
 
 def global_data_indices(local: Sequence[int]) -> List[int]:
