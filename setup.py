@@ -3,8 +3,8 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
-    "hf": ["transformers>=4.45", "safetensors>=0.4"],
-    "rl": ["math-verify>=0.7"],
+    "hf": ["transformers>=4.45,<6", "safetensors>=0.4"],
+    "rl": ["math-verify>=0.7,<1"],
     "gpu": ["nvidia-cudnn-frontend>=1.5"],
 }
 EXTRAS["all"] = sorted({d for v in EXTRAS.values() for d in v})
@@ -13,17 +13,19 @@ setup(
     name="llada-cpt",
     version="0.1.0",
     description="Turn autoregressive checkpoints into block-diffusion LMs with Megatron-Core",
-    packages=find_packages(include=["llada_cpt*", "megatron_patches*", "kernels*"]),
+    # Every import name lives under llada_cpt: a top-level `kernels` package once shadowed Hugging
+    # Face's `kernels` distribution (imported by transformers) and broke fresh installs.
+    packages=find_packages(include=["llada_cpt", "llada_cpt.*"]),
     package_data={"llada_cpt": ["data/bundled/*", "configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.4,<3",
         "megatron-core>=0.16.1,<0.20",
         "psutil",  # megatron-core needs it but does not declare it
-        "numpy",
+        "numpy<3",
         "pyyaml>=6",
-        "sentencepiece>=0.2",
-        "tokenizers>=0.19",
+        "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.19,<1",
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "einops",

@@ -103,9 +103,9 @@ def generate(work: Path, num: int, per_ckpt_bytes: int) -> list[Path]:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    import megatron_patches.cpu
+    from llada_cpt.megatron_patches import cpu as megatron_cpu
 
-    megatron_patches.cpu.apply()
+    megatron_cpu.apply()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")

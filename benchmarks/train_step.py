@@ -38,7 +38,7 @@ from llada_cpt.config.loader import load_config  # noqa: E402
 from llada_cpt.diffusion.inputs import build_diffusion_batch  # noqa: E402
 from llada_cpt.parallel.work import random_document_ids  # noqa: E402
 
-from kernels import registry  # noqa: E402
+from llada_cpt.kernels import registry  # noqa: E402
 
 
 @dataclasses.dataclass

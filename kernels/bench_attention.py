@@ -40,10 +40,10 @@ from llada_cpt.benchmarking import environment, status_cell, unavailable_notes, 
 from llada_cpt.diffusion.layout import AttentionLayout  # noqa: E402
 from llada_cpt.parallel.work import random_document_ids  # noqa: E402
 
-from kernels import bias as kbias  # noqa: E402
-from kernels import registry  # noqa: E402
-from kernels.tiles import tile_occupancy  # noqa: E402
-from kernels.unfused import unfused_attention  # noqa: E402
+from llada_cpt.kernels import bias as kbias  # noqa: E402
+from llada_cpt.kernels import registry  # noqa: E402
+from llada_cpt.kernels.tiles import tile_occupancy  # noqa: E402
+from llada_cpt.kernels.unfused import unfused_attention  # noqa: E402
 
 MEMORY_TARGET = 0.10  # fused attention memory / unfused, at the largest L
 SPEED_TARGET = 1.25  # best fused fwd+bwd / (dense fused x non-empty tile fraction)
@@ -87,7 +87,7 @@ def _backends(device: torch.device) -> dict[str, tuple[Callable, Optional[str]]]
             reason = reason or f"{type(exc).__name__}: {exc}"
         out[name] = (fn, reason)
         if name == "te" and fn is not None:
-            from kernels.te import make_te_backend
+            from llada_cpt.kernels.te import make_te_backend
 
             out["te-unfused"] = (make_te_backend("arbitrary"), reason)
     return out
@@ -118,7 +118,7 @@ def _sync(device: torch.device) -> None:
 def _clear_mask_caches() -> None:
     kbias.BIAS_CACHE.clear()
     try:
-        from kernels.flex import BLOCK_MASK_CACHE
+        from llada_cpt.kernels.flex import BLOCK_MASK_CACHE
 
         BLOCK_MASK_CACHE.clear()
     except ImportError:
@@ -256,7 +256,7 @@ class _Phases:
 
 def _build_mask(name: str, layout: AttentionLayout, q: torch.Tensor) -> None:
     if name == "flex":
-        from kernels.flex import block_mask_for
+        from llada_cpt.kernels.flex import block_mask_for
 
         block_mask_for(layout, q.device)
     elif name in ("cudnn", "te"):

@@ -1,6 +1,11 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -22,3 +27,20 @@ def gen():
     import torch
 
     return torch.Generator().manual_seed(0)
+
+
+def load_script(relpath: str):
+    """Import a script of the repository (``benchmarks/*.py``, ``kernels/*.py``) by its path.
+
+    Why: those folders are deliberately not packages (a top-level ``kernels`` package shadowed
+    Hugging Face's ``kernels`` distribution), so tests load the file itself.
+    """
+    path = REPO / relpath
+    name = "_script_" + path.stem
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

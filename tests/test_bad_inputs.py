@@ -142,7 +142,7 @@ def _save_embedding_only(rank: int, world: int, path: str, rows: int, divisible_
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    import megatron_patches
+    from llada_cpt import megatron_patches
 
     megatron_patches.apply()  # CPU: dist_checkpointing would synchronize CUDA
     torch.distributed.init_process_group("gloo")

@@ -114,7 +114,7 @@ def test_dockerignore_excludes_runs_and_git_but_not_sources():
     for path in (".git", ".git/HEAD", "runs", "runs/tiny_cpu/latest"):
         assert dockerignored(path, patterns), f"{path} is sent to the Docker build context"
     for path in ("setup.py", "llada_cpt/cli.py", "configs/tiny_cpu.yaml", "launch/slurm.sbatch",
-                 "megatron_patches/cpu.py", "README.md"):
+                 "llada_cpt/megatron_patches/cpu.py", "README.md"):
         assert not dockerignored(path, patterns), f"{path} is excluded from the image"
 
 

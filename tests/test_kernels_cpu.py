@@ -18,24 +18,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_doc_ids
+from conftest import load_script, random_doc_ids
 from llada_cpt.attention.reference import reference_attention
 from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.errors import ConfigError
 from llada_cpt.parallel.context import zigzag_positions
 
-flex = pytest.importorskip("kernels.flex")
+flex = pytest.importorskip("llada_cpt.kernels.flex")
 if flex.flex_attention is None:
     pytest.skip("this torch has no FlexAttention", allow_module_level=True)
 
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
-from kernels import bias as kbias  # noqa: E402
-from kernels import cudnn as kcudnn  # noqa: E402
-from kernels import registry  # noqa: E402
-from kernels import te as kte  # noqa: E402
-from kernels.layout_cache import LayoutCache  # noqa: E402
-from kernels.tiles import tile_occupancy  # noqa: E402
+from llada_cpt.kernels import bias as kbias  # noqa: E402
+from llada_cpt.kernels import cudnn as kcudnn  # noqa: E402
+from llada_cpt.kernels import registry  # noqa: E402
+from llada_cpt.kernels import te as kte  # noqa: E402
+from llada_cpt.kernels.layout_cache import LayoutCache  # noqa: E402
+from llada_cpt.kernels.tiles import tile_occupancy  # noqa: E402
 
 L = 32
 
@@ -228,7 +228,7 @@ def test_missing_transformer_engine_error(monkeypatch):
 
 def test_auto_on_cpu_is_reference_and_logged_once(caplog, monkeypatch):
     monkeypatch.setattr(registry, "_LOGGED", set())
-    with caplog.at_level(logging.INFO, logger="kernels.registry"):
+    with caplog.at_level(logging.INFO, logger="llada_cpt.kernels.registry"):
         first = registry.auto_choice(torch.device("cpu"))
         second = registry.auto_choice(torch.device("cpu"))
     assert first == second == "reference"
@@ -286,7 +286,7 @@ def test_layout_cache_never_serves_another_tensors_entry(monkeypatch):
     The reuse is forced by making every tensor's cheap key equal; the weak
     reference to the cached tensor object is what tells them apart.
     """
-    import kernels.layout_cache as lc
+    import llada_cpt.kernels.layout_cache as lc
 
     monkeypatch.setattr(lc, "_tensor_key", lambda t: None if t is None else "reused address")
     cache = LayoutCache(maxsize=4)
@@ -333,7 +333,9 @@ def test_bench_target_verdicts():
     """PASS/FAIL of both targets from measured numbers, and the lower bound when unfused runs out of memory."""
     from types import SimpleNamespace
 
-    from kernels.bench_attention import Case, Result, check_targets, suggested_auto_order
+    bench = load_script("kernels/bench_attention.py")
+    Case, Result, check_targets, suggested_auto_order = (
+        bench.Case, bench.Result, bench.check_targets, bench.suggested_auto_order)
 
     args = SimpleNamespace(batch=1, heads=16)
     cases = [Case(8192, "32", "packed", 16384, 16384, tile_fraction=0.25, dense_ms=100.0),
@@ -362,7 +364,7 @@ def test_bench_target_verdicts():
 def test_bench_attention_smoke_writes_results(tmp_path):
     import json
 
-    from kernels.bench_attention import main
+    main = load_script("kernels/bench_attention.py").main
 
     assert main(["--smoke", "--block-sizes", "8", "--docs", "packed", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "attention_smoke.json").read_text())
@@ -380,9 +382,7 @@ def _train_step_smoke(rank: int, world_size: int, out_dir: str) -> dict:
     import json
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import train_step
-
+    train_step = load_script("benchmarks/train_step.py")
     code = train_step.main(["--smoke", "--block-sizes", "8", "L", "--backends", "reference", "flex", "--out", out_dir])
     return {"code": code, "data": json.loads((Path(out_dir) / "train_step_smoke.json").read_text())}
 

@@ -22,8 +22,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with `pytest -m gpu` there)"),
 ]
 
-from kernels import registry  # noqa: E402
-from kernels.unfused import unfused_attention  # noqa: E402
+from llada_cpt.kernels import registry  # noqa: E402
+from llada_cpt.kernels.unfused import unfused_attention  # noqa: E402
 
 L = 256
 HEAD_DIM = 128

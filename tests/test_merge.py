@@ -115,7 +115,7 @@ class _StandInOptimizer:
 
 def _session(rank: int, world: int, root: str) -> dict:
     """Write the input run; rank 0 merges its top 3 (with a process group up); both ranks load the result."""
-    import megatron_patches.cpu
+    from llada_cpt.megatron_patches import cpu as megatron_cpu
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -123,7 +123,7 @@ def _session(rank: int, world: int, root: str) -> dict:
     from llada_cpt.config.schema import Config
     from llada_cpt.training.checkpoint import load_checkpoint, save_checkpoint
 
-    megatron_patches.cpu.apply()
+    megatron_cpu.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     # every merge of this process cuts stored chunks over 64 bytes into row runs: Megatron's
     # loader must reassemble the merged tensors from that chunking (qkv layers: 2 rows per piece)

@@ -2,7 +2,7 @@
 
 Megatron scales the load-balancing (aux) loss gradient by the *local* token
 count under per-token loss normalisation, which makes the router gradient
-1/cp too small with CP (``megatron_patches/moe_aux_loss.py`` fixes that; without
+1/cp too small with CP (``llada_cpt/megatron_patches/moe_aux_loss.py`` fixes that; without
 the patch the router gradient was ~25% off at CP = 2).  Two gloo ranks run the
 same packed batch (block size 4 and L = MDLM) on the ``tiny-moe`` preset, with a
 non-negligible aux-loss coefficient, as CP = 1 (DP = 2, each replica the whole

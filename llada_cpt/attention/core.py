@@ -12,7 +12,7 @@ Backends are plain callables ``fn(q, k, v, layout, softmax_scale) -> out`` with
 ``q`` ``[b, hq, Sq, d]`` and ``k``/``v`` ``[b, hkv, Sk, d]`` (GQA is the backend's
 business) returning ``[b, hq, Sq, d]``; they live in :data:`ATTENTION_BACKENDS`.
 ``reference`` is built in; the fused ones (flex, cudnn, te) and ``auto`` are
-resolved by ``kernels.registry``, which checks that they can train here.
+resolved by ``llada_cpt.kernels.registry``, which checks that they can train here.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def register_backend(name: str, fn: AttentionBackend) -> None:
 
 
 def resolve_backend(name: str) -> AttentionBackend:
-    """The backend called ``name``; fused ones and ``auto`` are resolved by ``kernels.registry``.
+    """The backend called ``name``; fused ones and ``auto`` are resolved by ``llada_cpt.kernels.registry``.
 
     That registry checks that the kernel can train on this device (ConfigError
     with the fix otherwise) and picks the fastest available one for ``auto``
@@ -61,7 +61,7 @@ def resolve_backend(name: str) -> AttentionBackend:
     if name in ATTENTION_BACKENDS:
         return ATTENTION_BACKENDS[name]
     try:
-        from kernels import registry
+        from llada_cpt.kernels import registry
     except ImportError:  # the GPU kernels are not installed: only the reference exists
         if name == "auto":
             return ATTENTION_BACKENDS["reference"]

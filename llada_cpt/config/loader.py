@@ -12,7 +12,32 @@ import yaml
 from ..errors import ConfigError
 from .schema import Config
 
-__all__ = ["load_config", "config_from_dict", "config_to_dict", "dump_config", "parse_overrides"]
+__all__ = ["load_config", "config_from_dict", "config_to_dict", "dump_config", "parse_overrides",
+           "RECIPES_DIR", "recipe_names", "resolve_config_path"]
+
+# The shipped recipes live inside the package so that a wheel (non-editable) install has them;
+# the repository's top-level ``configs`` is a link to this folder.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipe_names() -> list:
+    """Names accepted by ``-c NAME`` from any folder (the shipped ``configs/*.yaml``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """An existing YAML file, else a shipped recipe named ``path`` (``tiny_cpu`` or ``tiny_cpu.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    recipe = RECIPES_DIR / f"{name}.yaml"
+    if len(p.parts) == 1 and recipe.is_file():
+        return recipe
+    close = difflib.get_close_matches(name, recipe_names(), n=1)
+    hint = f" Did you mean the recipe `{close[0]}`?" if close else ""
+    raise ConfigError(f"config file `{p}` does not exist; pass an existing YAML file with -c, or a shipped "
+                      f"recipe name ({', '.join(recipe_names())}).{hint}")
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
@@ -109,9 +134,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Read a YAML file (optional) and apply dotted overrides; validation is separate."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file `{p}` does not exist; pass an existing YAML file with -c")
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:

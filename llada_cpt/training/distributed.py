@@ -121,7 +121,7 @@ def initialize(parallel_cfg: ParallelConfig, seed: int, backend: Optional[str] =
     """Initialise torch.distributed (if needed), Megatron's parallel state and RNG; idempotent per layout."""
     on_gpu = torch.cuda.is_available()
     backend = backend or ("nccl" if on_gpu else "gloo")
-    import megatron_patches
+    from llada_cpt import megatron_patches
 
     patches: List[str] = megatron_patches.apply()  # CPU patches only without CUDA
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

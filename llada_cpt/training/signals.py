@@ -41,7 +41,7 @@ class StopRequest:
         if "megatron.core" in sys.modules:  # a process that can save Megatron checkpoints (the training loop)
             # a scheduler signals every process of the job, the checkpoint writer's helper too: keep it
             # alive so that the save the stop asks for can complete
-            from megatron_patches import checkpoint_writer
+            from llada_cpt.megatron_patches import checkpoint_writer
 
             checkpoint_writer.apply()
         return req

@@ -69,7 +69,7 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
         return None
     if name not in FUSED:
         raise ConfigError(f"unknown attention backend `{name}`; use one of {', '.join(NAMES)}")
-    module = importlib.import_module(f"kernels.{name}")
+    module = importlib.import_module(f"llada_cpt.kernels.{name}")
     return module.unavailable_reason(_device(device))
 
 
@@ -81,7 +81,7 @@ def load(name: str) -> Callable:
         return reference_attention
     if name not in FUSED:
         raise ConfigError(f"unknown attention backend `{name}`; use one of {', '.join(NAMES)}")
-    return getattr(importlib.import_module(f"kernels.{name}"), _BACKEND_ATTR[name])
+    return getattr(importlib.import_module(f"llada_cpt.kernels.{name}"), _BACKEND_ATTR[name])
 
 
 def auto_choice(device: Optional[torch.device] = None) -> str:

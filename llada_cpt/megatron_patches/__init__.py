@@ -1,10 +1,10 @@
 """Everything that monkey-patches Megatron-Core, each patch small and documented.
 
-* :mod:`megatron_patches.cpu`: run on CPU processes with gloo (no CUDA only).
-* :mod:`megatron_patches.te_absent`: defects of installs without Transformer Engine / apex.
-* :mod:`megatron_patches.checkpoint_args`: activation recomputation with our
+* :mod:`llada_cpt.megatron_patches.cpu`: run on CPU processes with gloo (no CUDA only).
+* :mod:`llada_cpt.megatron_patches.te_absent`: defects of installs without Transformer Engine / apex.
+* :mod:`llada_cpt.megatron_patches.checkpoint_args`: activation recomputation with our
   non-tensor ``attention_mask`` (the AttentionLayout).
-* :mod:`megatron_patches.moe_aux_loss`: MoE aux-loss gradient scale under CP / sequence parallelism.
+* :mod:`llada_cpt.megatron_patches.moe_aux_loss`: MoE aux-loss gradient scale under CP / sequence parallelism.
 
 Targets ``megatron-core>=0.16.1,<0.20``; :func:`apply` returns the names of the
 patches applied in this process, for the start-up log.

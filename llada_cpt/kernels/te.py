@@ -5,7 +5,7 @@ Two ways to hand TE an arbitrary mask (TE's backend selection,
 
 - ``bias`` (default): ``attn_mask_type="no_mask"`` + ``core_attention_bias_type=
   "post_scale_bias"`` with the ``[b, 1, Sq, Sk]`` additive bias of
-  :mod:`kernels.bias` ("b1ss"); TE then runs cuDNN fused attention.
+  :mod:`llada_cpt.kernels.bias` ("b1ss"); TE then runs cuDNN fused attention.
 - ``arbitrary``: ``attn_mask_type="arbitrary"`` with a boolean "masked out"
   tensor; TE only supports it in its *unfused* backend (materialised scores) -
   the baseline the LLaDA2.0 report compares against.

@@ -6,7 +6,7 @@ attention through SDPA with an additive bias broadcast over heads) and ``te``
 All share the contract of ``llada_cpt.attention.core``:
 ``fn(q [b, hq, Sq, d], k [b, hkv, Sk, d], v, layout, softmax_scale) -> [b, hq, Sq, d]``.
 
-Nothing heavy is imported here: ``kernels.registry`` resolves names (and
+Nothing heavy is imported here: ``llada_cpt.kernels.registry`` resolves names (and
 ``auto``), checks that the backend can train on this device and imports its
 module on first use; ``llada_cpt.attention.core.resolve_backend`` delegates to it.
 """

@@ -10,7 +10,7 @@ dimension kept at 1, i.e. broadcast over heads, so no per-head score matrix is
 materialised; GQA is native (``enable_gqa``).  So the graph API of
 nvidia-cudnn-frontend is not needed for correctness.
 
-We pass the bias of :mod:`kernels.bias` (built once per layout for all layers,
+We pass the bias of :mod:`llada_cpt.kernels.bias` (built once per layout for all layers,
 in the query dtype: torch PR #191612 reports fp32 masks being reinterpreted as
 the io dtype by the cuDNN path).  It is ``[b, 1, Sq, Sk]`` at 2 bytes per pair
 (512 MiB at 2L = 16384) and cuDNN still visits every tile: this backend saves
