@@ -131,3 +131,53 @@ def test_noised_half_keeps_the_x_t_half_of_per_token_fields(gen):
         assert float((half.loss_weight).sum()) == float(b.loss_weight.sum())  # no weight on the x_0 half
     mdlm = build_diffusion_batch(x0, doc, 16, 99, generator=gen)
     assert noised_half(mdlm) is mdlm
+
+
+def _weight_ratio(weight: torch.Tensor, eligible: torch.Tensor, groups: torch.Tensor):
+    """Per (row, group) ``sum w / #eligible`` for groups with eligible tokens: mean and standard error."""
+    ratios = []
+    for g in groups.unique().tolist():
+        sel = groups == g
+        n = (eligible & sel).sum(1)
+        keep = n > 0
+        ratios.append(((weight * sel).sum(1)[keep] / n[keep]))
+    r = torch.cat(ratios).double()
+    return float(r.mean()), float(r.std() / math.sqrt(r.numel()))
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_expected_elbo_weight_per_eligible_token_is_one_per_sequence_and_per_block(per_block):
+    """The 1/t weight makes E[sum w] = #eligible for every sequence and every block, over many seeds."""
+    L, B, rows = 64, 16, 1000
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        doc = torch.stack([random_doc_ids(L, g) for _ in range(rows)])
+        eligible = torch.rand(rows, L, generator=g) < 0.8
+        batch = build_diffusion_batch(torch.zeros_like(doc), doc, B, MASK, NoiseConfig(0.1, 0.9, per_block),
+                                      eligible=eligible, generator=g)
+        w = batch.loss_weight[:, :L]
+        for groups in (torch.zeros_like(doc), block_index(doc, B) + 1000 * doc):  # per sequence, per block
+            mean, err = _weight_ratio(w, eligible, groups)
+            assert abs(mean - 1.0) < 5 * err + 1e-3, (seed, mean, err)
+
+
+def test_complementary_rows_are_weighted_by_their_own_ratio_with_an_asymmetric_band():
+    """Band [0.3, 0.8]: the complement's ratio 1 - t lies in [0.2, 0.7]; both rows keep E[sum w]/eligible = 1,
+    also when t > 0.7 (where clamping the complement's ratio to the band under-weighted it: 0.835)."""
+    L, rows = 64, 2000
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.zeros(rows, L, dtype=torch.long)
+        doc = torch.zeros_like(x0)
+        eligible = torch.ones_like(x0, dtype=torch.bool)
+        eligible[:, :8] = False
+        batch = build_diffusion_batch(x0, doc, 16, MASK, NoiseConfig(0.3, 0.8), eligible=eligible, generator=g,
+                                      complementary=True)
+        w, t = batch.loss_weight[:, :L], batch.t[:, 0]
+        n = eligible.sum(1).double()
+        for name, sel in (("sample", slice(0, rows)), ("complement", slice(rows, 2 * rows))):
+            r = w[sel].sum(1).double() / n
+            for part in (torch.ones(rows, dtype=torch.bool), t[:rows] > 0.7):
+                mean, err = float(r[part].mean()), float(r[part].std() / math.sqrt(int(part.sum())))
+                assert abs(mean - 1.0) < 5 * err, (seed, name, mean, err)
+        assert torch.allclose(t[rows:], 1 - t[:rows])  # each row carries its true mask ratio

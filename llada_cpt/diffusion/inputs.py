@@ -112,8 +112,10 @@ def build_diffusion_batch(
     if complementary:
         x0, doc_ids, eligible = (torch.cat([a, a]) for a in (x0, doc_ids, eligible))
         masked = torch.cat([masked, complementary_mask(masked, eligible[: masked.shape[0]])])
-        # the complement of a ratio-t mask has ratio 1 - t; weight it accordingly
-        t = torch.cat([t, (1.0 - t).clamp(min=noise.mask_ratio_min)])
+        # the complement of a ratio-t mask has ratio 1 - t: weighted by its own ratio, E[sum w] = #eligible
+        # for both rows.  With an asymmetric band 1 - t lies in [1 - m_max, 1 - m_min], outside the band;
+        # clamping it to the band would under-weight the complement.  t = 1 leaves the complement empty.
+        t = torch.cat([t, 1.0 - t])
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     w = elbo_weights(masked, t)
     mdlm = is_mdlm(block_size, L)
