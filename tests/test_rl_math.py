@@ -314,3 +314,24 @@ def test_ppo_config_errors():
                dict(entropy_coef=float("nan"))):
         with pytest.raises(ConfigError):
             PPOConfig(**kw)
+
+
+def test_dynamic_sampling_accuracy_drops_all_correct_groups_whatever_their_speed_rewards():
+    """DAPO drops groups whose accuracy is 0 or 1; with the speed reward their total rewards still differ."""
+    class G:
+        def __init__(self, correct, speed):
+            self.correct = torch.tensor(correct, dtype=torch.float)
+            self.rewards = self.correct + torch.tensor(speed)
+
+    all_right = G([1, 1, 1, 1], [0.1, 0.3, 0.2, 0.0])  # accuracy 1, rewards differ by speed
+    all_wrong = G([0, 0, 0, 0], [0.0, 0.0, 0.0, 0.0])
+    mixed = G([1, 0, 1, 0], [0.2, 0.0, 0.1, 0.0])
+    groups = [all_right, all_wrong, mixed]
+    res = dynamic_sample(Source(groups), DynamicSamplingConfig(num_groups=1, criterion="accuracy"),
+                         correct_of=lambda g: g.correct)
+    assert res.groups == [mixed] and res.stats.dropped == 2
+    assert DynamicSamplingConfig().criterion == "accuracy"  # the default
+    res = dynamic_sample(Source(groups), DynamicSamplingConfig(num_groups=2, criterion="reward_std"))
+    assert res.groups == [all_right, mixed] and res.stats.dropped == 1
+    with pytest.raises(ConfigError, match="accuracy, reward_std"):
+        DynamicSamplingConfig(criterion="std")

@@ -128,11 +128,11 @@ class RLConfig:
 
     data: List[str] = field(default_factory=list)  # {question, ground_truth_answer} JSONL; empty: bundled arithmetic
     prompt_template: str = "Question: {question}\nPut the final answer in \\boxed{{}}.\nAnswer: "
-    chat_template: str = "none"  # none (raw template text) | auto | plain | chatml
+    chat_template: str = "raw"  # raw (the prompt text verbatim) | auto | tokenizer | plain | chatml
     group_size: int = 4  # G rollouts per prompt
     groups_per_step: int = 4  # informative groups per optimizer step (global, split over DP ranks)
     max_oversample: float = 3.0  # draw at most groups_per_step * max_oversample groups per step
-    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
+    dynamic_sampling: str = "accuracy"  # accuracy (DAPO: drop accuracy 0 or 1) | reward_std (all-equal) | none
     # rollout; the block size must equal the training block size (diffusion.block_schedule)
     block_size: int = 4
     threshold: float = 0.9

@@ -49,6 +49,21 @@ def _post_training_problems(cfg: Config) -> list[str]:
     return out
 
 
+def _rl_problems(cfg: Config) -> list[str]:
+    """Names in the ``rl`` section: one set of chat-template names for every stage and tool."""
+    from ..data.chat import TEMPLATES
+    from ..rl.dynamic_sampling import CRITERIA
+
+    r, out = cfg.rl, []
+    if r.chat_template not in TEMPLATES:
+        out.append(f"rl.chat_template `{r.chat_template}` is not one of {', '.join(TEMPLATES)}")
+    modes = CRITERIA + ("none",)
+    if r.dynamic_sampling not in modes:
+        out.append(f"rl.dynamic_sampling `{r.dynamic_sampling}` is not one of {', '.join(modes)} (accuracy: drop "
+                   "groups whose accuracy is 0 or 1, DAPO; reward_std: drop groups whose rewards are all equal)")
+    return out
+
+
 def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
     m, p, d, t, data = cfg.model, cfg.parallel, cfg.diffusion, cfg.train, cfg.data
     out: list[str] = []
@@ -129,6 +144,7 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
             out.append(f"the training block size {wrong[0]} (diffusion.block_schedule) differs from the rollout block "
                        f"size rl.block_size={cfg.rl.block_size}; trajectories would be trained on contexts the sampler "
                        f"never saw. Set diffusion.block_schedule=[[{cfg.rl.block_size}, 1]] or change rl.block_size")
+        out += _rl_problems(cfg)
     if world_size is not None and not out:
         model_parallel = tp * pp * cp
         if world_size % model_parallel:

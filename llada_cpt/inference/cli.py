@@ -1,7 +1,7 @@
 """``llada-cpt generate``: block-diffusion sampling from a checkpoint.
 
 ``llada-cpt generate --ckpt RUN_OR_ITER (--prompt TEXT ... | --input prompts.jsonl) [--output out.jsonl]
-[--chat-template auto|plain|chatml|tokenizer|none] [--block-size B] [--threshold 0.95] [--temperature 0]
+[--chat-template auto|tokenizer|plain|chatml|raw] [--block-size B] [--threshold 0.95] [--temperature 0]
 [--max-new-tokens N] [--tp N --nproc N]``
 
 Input JSONL: ``{"prompt": ...}`` or ``{"messages": [...]}`` per line.  Output
@@ -36,7 +36,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128)
     """Checkpoint, parallel and decoding options shared by ``generate`` and ``eval --math``."""
     p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or iter_* checkpoint directory")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default=None,
-                   help="prompt wrapping; default: none for a CPT checkpoint, auto otherwise")
+                   help="prompt wrapping; default: raw for a CPT checkpoint, auto otherwise")
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's trained block size")
     p.add_argument("--threshold", type=float, default=0.95, help="commit positions more confident than this")
     p.add_argument("--min-tokens-per-step", type=int, default=1, help="low-confidence fallback: commit at least k")

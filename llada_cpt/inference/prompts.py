@@ -1,12 +1,13 @@
 """Prompt records (``--prompt`` / JSONL) -> token ids, with the chat template of the run.
 
 A record is ``{"prompt": str}`` or ``{"messages": [{role, content}, ...]}``
-(``question`` is accepted as ``prompt``).  Templates: ``none`` encodes the
-prompt text verbatim (continuation of pre-training text); ``auto`` / ``plain``
-/ ``chatml`` / ``tokenizer`` wrap it as a user turn followed by the assistant
-generation prompt (:func:`llada_cpt.data.chat.generation_prompt_ids`), exactly
-as SFT tokenized the prompt part.  The default depends on the checkpoint: a
-CPT model continues text (``none``), post-trained ones get ``auto``.
+(``question`` is accepted as ``prompt``).  Templates are the names of
+:data:`llada_cpt.data.chat.TEMPLATES` (the same for SFT, DPO, RL and here):
+``raw`` encodes the prompt text verbatim (continuation of pre-training text);
+``auto`` / ``plain`` / ``chatml`` / ``tokenizer`` wrap it as a user turn followed
+by the assistant generation prompt (:func:`llada_cpt.data.chat.generation_prompt_ids`),
+exactly as SFT tokenized the prompt part.  The default depends on the
+checkpoint: a CPT model continues text (``raw``), post-trained ones get ``auto``.
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import json
 from pathlib import Path
 from typing import Any, List, Optional
 
+from ..data.chat import TEMPLATES
 from ..errors import DataError
 
 __all__ = ["CHAT_TEMPLATES", "default_template", "read_records", "encode_record"]
 
-CHAT_TEMPLATES = ("auto", "plain", "chatml", "tokenizer", "none")
+CHAT_TEMPLATES = TEMPLATES
 
 
 def default_template(stage: str) -> str:
-    return "none" if stage == "cpt" else "auto"
+    return "raw" if stage == "cpt" else "auto"
 
 
 def read_records(path: str | Path, required: tuple = ()) -> List[dict]:
@@ -64,10 +66,10 @@ def encode_record(record: dict, tokenizer: Any, template: str, where: Optional[s
         raise DataError(f"{where}: needs a string 'prompt' (or 'question') or a 'messages' list")
     try:
         if messages is not None:
-            if template == "none":
+            if template == "raw":
                 raise DataError(f"{where}: 'messages' need a chat template; pass --chat-template auto, plain or chatml")
             return generation_prompt_ids(messages, tokenizer, template)
-        if template == "none":
+        if template == "raw":
             return list(tokenizer.encode(text))
         return generation_prompt_ids([{"role": "user", "content": text}], tokenizer, template)
     except DataError:

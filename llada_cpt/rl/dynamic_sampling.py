@@ -1,8 +1,16 @@
-"""DAPO dynamic sampling: keep only groups whose rewards differ, drawing more until the batch is full.
+"""DAPO dynamic sampling: keep only informative groups, drawing more until the batch is full.
 
-A group whose G rollouts all got the same reward has zero advantage everywhere
-(see :mod:`.advantages`) and would only dilute the token-mean loss, so it is
-dropped and replaced by freshly drawn groups.  Drawing is bounded: at most
+Two criteria (``criterion``):
+
+* ``accuracy`` (DAPO, the default): drop groups whose accuracy is 0 or 1 (every
+  rollout wrong, or every rollout right).  With a speed or format reward the
+  rewards of an all-correct group still differ, yet the group says nothing about
+  correctness, which is what DAPO filters on.
+* ``reward_std``: drop groups whose G rewards are all equal: their advantage is
+  zero everywhere (see :mod:`.advantages`) and would only dilute the token-mean
+  loss.
+
+Dropped groups are replaced by freshly drawn ones.  Drawing is bounded: at most
 ``ceil(num_groups * max_oversample)`` groups are drawn per batch, so a policy
 that solves (or fails) everything cannot loop forever.  A batch that cannot be
 filled comes back as ``skip=True`` with a reason, never as an exception; the
@@ -20,7 +28,10 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["DynamicSamplingConfig", "SamplingStats", "SamplingResult", "dynamic_sample", "is_informative"]
+__all__ = ["CRITERIA", "DynamicSamplingConfig", "SamplingStats", "SamplingResult", "dynamic_sample",
+           "is_informative", "has_mixed_accuracy"]
+
+CRITERIA = ("accuracy", "reward_std")
 
 T = TypeVar("T")
 
@@ -31,8 +42,9 @@ class DynamicSamplingConfig:
     max_oversample: float = 3.0  # draw at most ceil(num_groups * max_oversample) groups
     draw_size: Optional[int] = None  # groups requested per callback call; None: num_groups
     min_groups: Optional[int] = None  # accept a partial batch of at least this many; None: must fill
-    tolerance: float = 0.0  # rewards whose spread is <= tolerance count as all equal
+    tolerance: float = 0.0  # reward_std: rewards whose spread is <= tolerance count as all equal
     enabled: bool = True  # False: keep every group (plain GRPO), still bounded and still filled
+    criterion: str = "accuracy"  # accuracy (DAPO: drop accuracy 0 or 1) | reward_std (drop all-equal rewards)
 
     def __post_init__(self) -> None:
         if self.num_groups < 1:
@@ -46,6 +58,8 @@ class DynamicSamplingConfig:
                 f"rl.dynamic_sampling.min_groups must be in [1, num_groups={self.num_groups}] or null, "
                 f"got {self.min_groups}"
             )
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"rl.dynamic_sampling `{self.criterion}` is not one of {', '.join(CRITERIA)}")
         if not self.tolerance >= 0.0:
             raise ConfigError(f"rl.dynamic_sampling.tolerance must be >= 0, got {self.tolerance}")
 
@@ -58,7 +72,7 @@ class DynamicSamplingConfig:
 class SamplingStats:
     drawn: int = 0  # groups returned by the callback (and considered)
     kept: int = 0  # informative groups taken (the batch, unless skipped)
-    dropped: int = 0  # all-equal groups
+    dropped: int = 0  # uninformative groups (accuracy 0 or 1, or all-equal rewards)
     invalid: int = 0  # empty groups or non-finite rewards
     surplus: int = 0  # informative groups drawn after the batch was already full
     calls: int = 0  # callback invocations
@@ -91,15 +105,30 @@ def is_informative(rewards: Any, tolerance: float = 0.0) -> Optional[bool]:
     return bool(r.max() - r.min() > tolerance)
 
 
+_WHAT = {"accuracy": "accuracy strictly between 0 and 1", "reward_std": "differing rewards"}
+
+
+def has_mixed_accuracy(correct: Any) -> Optional[bool]:
+    """True if some but not all rollouts are correct (``correct > 0``), False if none or all are, None if unusable."""
+    c = torch.as_tensor(correct, dtype=torch.float64).reshape(-1)
+    if c.numel() == 0 or not torch.isfinite(c).all():
+        return None
+    right = int((c > 0).sum())
+    return 0 < right < c.numel()
+
+
 def dynamic_sample(
     draw: Callable[[int], Sequence[T]],
     cfg: DynamicSamplingConfig,
     rewards_of: Callable[[T], Any] = _default_rewards,
+    correct_of: Optional[Callable[[T], Any]] = None,
 ) -> SamplingResult[T]:
     """Fill a batch of ``cfg.num_groups`` informative groups from ``draw(n)`` (which returns up to n groups).
 
     ``rewards_of(group)`` gives the group's G rewards (default: ``group.rewards``,
-    ``group["rewards"]`` or the group itself).  Groups beyond ``n`` in a callback's
+    ``group["rewards"]`` or the group itself); ``correct_of(group)`` its G
+    correctness values (``> 0`` = correct; default: ``rewards_of``), used by the
+    ``accuracy`` criterion.  Groups beyond ``n`` in a callback's
     answer are ignored so that the oversampling bound holds; an empty answer means
     the source is exhausted.  Exceptions raised by ``draw``/``rewards_of`` are not
     swallowed: they are bugs or I/O failures, not an unfillable batch.
@@ -108,6 +137,12 @@ def dynamic_sample(
     kept: list[T] = []
     exhausted = False
     step = cfg.draw_size or cfg.num_groups
+    if cfg.criterion == "accuracy":
+        def informative_of(group: T) -> Optional[bool]:
+            return has_mixed_accuracy((correct_of or rewards_of)(group))
+    else:
+        def informative_of(group: T) -> Optional[bool]:
+            return is_informative(rewards_of(group), cfg.tolerance)
     while len(kept) < cfg.num_groups and stats.drawn < cfg.max_draw:
         n = min(step, cfg.max_draw - stats.drawn)
         batch = list(draw(n))[:n]
@@ -117,7 +152,7 @@ def dynamic_sample(
             break
         stats.drawn += len(batch)
         for group in batch:
-            informative = is_informative(rewards_of(group), cfg.tolerance)
+            informative = informative_of(group)
             if informative is None:
                 stats.invalid += 1
             elif not informative and cfg.enabled:
@@ -133,7 +168,7 @@ def dynamic_sample(
     why = ("the prompt source is exhausted" if exhausted
            else f"the oversampling bound ({cfg.max_draw} groups) is reached")
     reason = (
-        f"only {stats.kept} of the {need} required groups have differing rewards after drawing {stats.drawn} "
-        f"({stats.dropped} all-equal, {stats.invalid} invalid) and {why}"
+        f"only {stats.kept} of the {need} required groups are informative ({_WHAT[cfg.criterion]}) after drawing "
+        f"{stats.drawn} ({stats.dropped} dropped, {stats.invalid} invalid) and {why}"
     )
     return SamplingResult([], stats, skip=True, reason=reason)

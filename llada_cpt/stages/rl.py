@@ -9,7 +9,8 @@ One optimizer step:
    would have to return the step map; here rollout and training share them.
 2. **Rewards** per rollout (math verifier on the final ``\\boxed{}``, optional
    format and speed terms, each logged) and **dynamic sampling**: groups whose
-   rewards are all equal are dropped and more prompts are drawn, up to
+   accuracy is 0 or 1 (``rl.dynamic_sampling=accuracy``, DAPO) or whose rewards
+   are all equal (``reward_std``) are dropped and more prompts are drawn, up to
    ``rl.max_oversample`` times the batch; a batch that cannot be filled is
    logged and skipped on every rank (no update), never a crash.
 3. **Advantages**: z-score of the rewards within each group.
@@ -170,8 +171,6 @@ class RLStage:
     def _prompt_ids(self, question: str) -> List[int]:
         r = self.cfg.rl
         text = r.prompt_template.format(question=question)
-        if r.chat_template == "none":
-            return self.tokenizer.encode(text)
         from ..data.chat import generation_prompt_ids
 
         return generation_prompt_ids([{"role": "user", "content": text}], self.tokenizer, r.chat_template)
@@ -225,11 +224,13 @@ class RLStage:
         if r.groups_per_step % run.dp_size:
             raise ConfigError(f"rl.groups_per_step={r.groups_per_step} must be divisible by the data-parallel size "
                               f"{run.dp_size}")
+        on = r.dynamic_sampling != "none"
         ds = DynamicSamplingConfig(num_groups=r.groups_per_step // run.dp_size, max_oversample=r.max_oversample,
-                                   enabled=r.dynamic_sampling)
+                                   enabled=on, criterion=r.dynamic_sampling if on else "accuracy")
         counter = [0]
         self._rollout_stats = []
-        result = dynamic_sample(lambda n: self._draw(run, counter, n), ds, rewards_of=lambda g: g.rewards)
+        result = dynamic_sample(lambda n: self._draw(run, counter, n), ds, rewards_of=lambda g: g.rewards,
+                                correct_of=lambda g: g.terms["correctness"])
         # every rank moves the shared cursor by the largest number of prompts any rank drew
         stats = torch.tensor([counter[0], float(result.skip), result.stats.drawn, result.stats.kept,
                               result.stats.dropped], dtype=torch.float64)
