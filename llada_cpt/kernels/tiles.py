@@ -12,7 +12,9 @@ import torch
 
 from llada_cpt.diffusion.layout import AttentionLayout
 
-__all__ = ["tile_occupancy"]
+__all__ = ["ATTENTION_TILE", "tile_occupancy"]
+
+ATTENTION_TILE = 128  # query and key tile of the block-sparse kernels (FlexAttention's default sparse block)
 
 
 def tile_occupancy(layout: AttentionLayout, tile: int = 128, device: Optional[torch.device] = None,
