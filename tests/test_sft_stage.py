@@ -155,7 +155,7 @@ def sft_cli(tmp_path_factory):
 def test_sft_cli_run_from_a_cpt_checkpoint_lowers_the_loss(sft_cli):
     assert sft_cli["returncode"] == 0, sft_cli["stderr"]
     out = sft_cli["stdout"]
-    report = re.search(r"sft data \(.*block size 32 from the final WSD block size of .*\): (\d+) samples from "
+    report = re.search(r"sft data \(.*block size 32 from the trained block size of .*\): (\d+) samples from "
                        r"(\d+) lines -> \d+ sequences .*truncated \d+, dropped \d+ over-long", out)
     assert report and report.group(2) == "121", out[-3000:]
     assert "initialised weights from" in out and "complementary masks on; CAP lambda 0.1" in out

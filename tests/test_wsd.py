@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from llada_cpt.diffusion.wsd import WSDSchedule
@@ -55,3 +57,39 @@ def test_state_round_trip():
     other = WSDSchedule.from_config([[1, 5], [4096, 1]], 4096, "steps", 100)
     diffs = other.check_state(state)
     assert diffs and diffs[0].startswith("phases")
+
+
+def _checkpoint_mid_schedule(tmp_path, consumed_steps):
+    """An ``iter_*`` directory as the loop writes it: resolved config.yaml + metrics.json with consumed tokens."""
+    import json
+
+    from llada_cpt.config import dump_config, load_config
+
+    cfg = load_config(None, ["data.demo=true", "data.seq_length=64", "train.global_batch_size=2",
+                             "diffusion.block_schedule=[[1,10],[64,10],[16,5]]"])
+    path = tmp_path / "iter_0000015"
+    path.mkdir()
+    (path / "metadata.json").write_text("{}")
+    (path / "config.yaml").write_text(dump_config(cfg))
+    (path / "metrics.json").write_text(json.dumps({"iteration": consumed_steps,
+                                                   "consumed_tokens": consumed_steps * 2 * 64}))
+    return cfg, path
+
+
+@pytest.mark.parametrize("steps, block", [(15, 64), (5, 1), (10, 1), (11, 64), (30, 16)])
+def test_one_trained_block_size_for_post_training_stages_and_generate(tmp_path, steps, block):
+    """A run stopped mid-schedule (step 15 of phases 1x10, 64x10, 16x5) was last trained with block 64:
+    SFT / DPO from it and ``generate`` on it must both pick the phase in force at its consumed tokens."""
+    from llada_cpt.config import load_config
+    from llada_cpt.inference.engine import trained_block_size
+    from llada_cpt.stages.common import InitCheckpoint, resolve_block_size
+
+    cfg, path = _checkpoint_mid_schedule(tmp_path, steps)
+    init = InitCheckpoint.resolve(str(path))
+    sft = load_config(None, ["data.demo=true", "data.seq_length=64"])
+    assert resolve_block_size("sft", sft, init)[0] == block
+    assert resolve_block_size("dpo", sft, init)[0] == block
+    assert trained_block_size(cfg, json.loads((path / "metrics.json").read_text())) == block
+    wsd = WSDSchedule.from_config(cfg.diffusion.block_schedule, 64, "steps", 2 * 64)
+    assert wsd.trained_block_size(steps * 2 * 64) == block
+    assert wsd.trained_block_size(None) == 16  # no consumed tokens (converted / merged): the last phase

@@ -102,7 +102,7 @@ class PostTrainDataConfig:
     chat_template: str = "auto"  # auto | tokenizer | plain | chatml | raw
     overlong: str = "drop"  # drop | truncate | error (samples longer than data.seq_length)
     pad_loss: bool = True  # the EOD padding up to a whole block carries loss
-    block_size: Optional[int] = None  # None: the init checkpoint's final WSD block size, else the schedule's last
+    block_size: Optional[int] = None  # None: the init checkpoint's trained block size, else the schedule's last
 
 
 @dataclass

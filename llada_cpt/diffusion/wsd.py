@@ -8,11 +8,11 @@ or tokens; the last phase extends to the end of training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
 
-__all__ = ["WSDSchedule"]
+__all__ = ["WSDSchedule", "trained_block_size"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,14 @@ class WSDSchedule:
     def from_config(cls, phases: Sequence[Sequence[int]], seq_length: int, unit: str, tokens_per_step: int):
         return cls(tuple(tuple(int(x) for x in p) for p in phases), seq_length, unit, tokens_per_step)
 
+    @classmethod
+    def of_run(cls, cfg: Any) -> "WSDSchedule":
+        """The schedule of a run config (``diffusion.block_schedule`` / ``block_schedule_unit``,
+        ``data.seq_length``; a step consumes ``train.global_batch_size`` sequences)."""
+        L = cfg.data.seq_length
+        return cls.from_config(cfg.diffusion.block_schedule, L, cfg.diffusion.block_schedule_unit,
+                               cfg.train.global_batch_size * L)
+
     def _token_bounds(self) -> list[int]:
         scale = self.tokens_per_step if self.unit == "steps" else 1
         bounds, end = [], 0
@@ -66,6 +74,14 @@ class WSDSchedule:
         """Block size to use for the step that starts after ``consumed_tokens`` tokens."""
         return self.phases[self.phase_index(consumed_tokens)][0]
 
+    def trained_block_size(self, consumed_tokens: Optional[int]) -> int:
+        """The block size a checkpoint that consumed ``consumed_tokens`` was trained with: the phase in force
+        during its last step (a run stopped mid-schedule is not at its last phase).  ``None`` (a converted or
+        merged checkpoint without a token count): the last phase."""
+        if consumed_tokens is None:
+            return self.phases[-1][0]
+        return self.block_size(max(int(consumed_tokens) - self.tokens_per_step, 0))
+
     def state_dict(self) -> dict:
         return {"phases": [list(p) for p in self.phases], "unit": self.unit, "seq_length": self.seq_length,
                 "tokens_per_step": self.tokens_per_step}
@@ -75,3 +91,10 @@ class WSDSchedule:
         but logged, because the block size is recomputed from consumed tokens)."""
         mine = self.state_dict()
         return [f"{k}: checkpoint {state.get(k)!r} -> now {mine[k]!r}" for k in mine if state.get(k) != mine[k]]
+
+
+def trained_block_size(cfg: Any, consumed_tokens: Optional[int]) -> int:
+    """The single definition of "the block size this checkpoint was trained with", from its resolved
+    config (see :meth:`WSDSchedule.of_run`) and its consumed-token count (``metrics.json``); every stage
+    (``init_from``) and tool (``generate``, ``eval``) uses it."""
+    return WSDSchedule.of_run(cfg).trained_block_size(consumed_tokens)

@@ -99,23 +99,11 @@ class InferenceModel:
 
 
 def trained_block_size(cfg: Config, metrics: Optional[dict] = None) -> int:
-    """Block size of the last training step: the WSD schedule at the checkpoint's consumed tokens.
+    """The block size the checkpoint was trained with (:func:`llada_cpt.diffusion.wsd.trained_block_size`,
+    the definition the post-training stages use too) from its config and ``metrics.json``."""
+    from ..diffusion.wsd import trained_block_size as of_checkpoint
 
-    Without ``consumed_tokens`` in ``metrics.json`` (a converted or merged
-    checkpoint) it is the block size of the schedule's last phase.  A block as
-    long as the sequence (MDLM phase) is reported as ``data.seq_length``.
-    """
-    from ..diffusion.wsd import WSDSchedule
-
-    L = cfg.data.seq_length
-    tokens_per_step = cfg.train.global_batch_size * L
-    wsd = WSDSchedule.from_config(cfg.diffusion.block_schedule, L, cfg.diffusion.block_schedule_unit, tokens_per_step)
-    consumed = (metrics or {}).get("consumed_tokens")
-    if consumed is None:
-        block = wsd.phases[-1][0]
-    else:
-        block = wsd.block_size(max(int(consumed) - tokens_per_step, 0))
-    return min(block, L)
+    return of_checkpoint(cfg, (metrics or {}).get("consumed_tokens"))
 
 
 def block_size_warning(info: CheckpointInfo, block_size: int) -> Optional[str]:

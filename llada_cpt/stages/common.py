@@ -1,8 +1,9 @@
 """What the post-training stages (``sft``, ``dpo``) share.
 
 * :class:`InitCheckpoint`: the checkpoint ``train.init_from`` names, with the
-  config it was trained with: its tokenizer, final WSD block size, final
-  learning rate and model architecture are the defaults / checks of the next stage.
+  config it was trained with: its tokenizer, trained block size (the WSD phase
+  in force at its consumed tokens), final learning rate and model architecture
+  are the defaults / checks of the next stage.
 * :func:`resolve_tokenizer`, :func:`resolve_block_size`, :func:`data_paths`.
 * :class:`PackedSplit`: packed JSONL sequences split into train / validation,
   the epoch order of the training sequences and the rows of every micro-batch.
@@ -49,6 +50,7 @@ class InitCheckpoint:
     path: Path
     config: Optional[dict]
     iteration: int
+    consumed_tokens: Optional[int] = None
 
     @classmethod
     def resolve(cls, init_from: Optional[str]) -> Optional["InitCheckpoint"]:
@@ -59,7 +61,10 @@ class InitCheckpoint:
         path = resolve_checkpoint(init_from)
         cfg_file = path / "config.yaml"
         config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
-        return cls(path, config if isinstance(config, dict) else None, int(read_metrics(path).get("iteration", 0)))
+        metrics = read_metrics(path)
+        consumed = metrics.get("consumed_tokens")
+        return cls(path, config if isinstance(config, dict) else None, int(metrics.get("iteration", 0)),
+                   None if consumed is None else int(consumed))
 
     def section(self, name: str) -> dict:
         return dict((self.config or {}).get(name) or {})
@@ -69,10 +74,19 @@ class InitCheckpoint:
         return (self.config or {}).get("stage")
 
     @property
-    def final_block_size(self) -> Optional[int]:
-        """Block size of the last WSD phase (what the model was trained with at the end)."""
-        schedule = self.section("diffusion").get("block_schedule")
-        return int(schedule[-1][0]) if schedule else None
+    def trained_block_size(self) -> Optional[int]:
+        """The block size this checkpoint was trained with (:func:`llada_cpt.diffusion.wsd.trained_block_size`:
+        the WSD phase in force at its consumed tokens, as ``generate`` sees it); ``None`` without a schedule."""
+        if not self.section("diffusion").get("block_schedule"):
+            return None
+        from ..config.loader import config_from_dict
+        from ..diffusion.wsd import trained_block_size
+
+        try:
+            cfg = config_from_dict({k: self.section(k) for k in ("data", "train", "diffusion")})
+            return trained_block_size(cfg, self.consumed_tokens)
+        except ConfigError:
+            return None
 
     def final_lr(self) -> Optional[float]:
         """The learning rate the run would have used next (its scheduler at ``iteration``)."""
@@ -128,19 +142,19 @@ def resolve_tokenizer(cfg: Config, init: Optional[InitCheckpoint]):
 
 def resolve_block_size(stage: str, cfg: Config, init: Optional[InitCheckpoint]) -> tuple[int, str]:
     """``(block size, where it came from)``: ``<stage>.block_size``, else the init checkpoint's
-    final WSD block size (capped at ``seq_length``: MDLM stays MDLM), else the last phase of
+    trained block size (capped at ``seq_length``: MDLM stays MDLM), else the last phase of
     ``diffusion.block_schedule``.  Post-training packs samples to whole blocks of this size."""
     L = cfg.data.seq_length
     explicit = getattr(cfg, stage).block_size
     if explicit:
         return explicit, f"{stage}.block_size"
-    final = init.final_block_size if init else None
-    if final:
-        block = min(final, L)
+    trained = init.trained_block_size if init else None
+    if trained:
+        block = min(trained, L)
         if L % block:
-            raise ConfigError(f"the init checkpoint's final block size {final} does not divide data.seq_length={L}; "
-                              f"set {stage}.block_size to a divisor of {L}")
-        return block, f"the final WSD block size of {init.path}"
+            raise ConfigError(f"the init checkpoint's trained block size {trained} does not divide "
+                              f"data.seq_length={L}; set {stage}.block_size to a divisor of {L}")
+        return block, f"the trained block size of {init.path}"
     return min(cfg.diffusion.block_schedule[-1][0], L), "diffusion.block_schedule"
 
 

@@ -4,7 +4,7 @@ Data: ``{prompt, response}`` / ``{messages}`` JSONL (:mod:`llada_cpt.data.sft`);
 only response tokens (and the EOD padding to a whole block, ``sft.pad_loss``)
 carry loss; each sample is padded to a multiple of the block size and packed
 with document ids.  The block size is ``sft.block_size``, else the init
-checkpoint's final WSD block size, else the last phase of
+checkpoint's trained block size, else the last phase of
 ``diffusion.block_schedule``; the run then uses that one block size throughout.
 
 Noise: ``t`` in the mask-ratio band ``[diffusion.mask_ratio_min, mask_ratio_max]``
