@@ -24,6 +24,7 @@ COMMANDS = {
     "convert": ("llada_cpt.convert.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "generate": ("llada_cpt.inference.cli", "block-diffusion sampling"),
     "eval": ("llada_cpt.inference.evaluate", "validation perplexity and answer accuracy"),
+    "lm-eval": ("llada_cpt.inference.harness_cli", "lm-evaluation-harness tasks on a checkpoint ([eval] extra)"),
 }
 
 
