@@ -6,6 +6,8 @@ EXTRAS = {
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4"],
     "rl": ["math-verify>=0.7,<1"],
     "gpu": ["nvidia-cudnn-frontend>=1.5"],
+    # `llada-cpt lm-eval`; accelerate runs the harness's own `hf` model (the reference in tests and benchmarks)
+    "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
 }
 EXTRAS["all"] = sorted({d for v in EXTRAS.values() for d in v})
 
@@ -16,7 +18,7 @@ setup(
     # Every import name lives under llada_cpt: a top-level `kernels` package once shadowed Hugging
     # Face's `kernels` distribution (imported by transformers) and broke fresh installs.
     packages=find_packages(include=["llada_cpt", "llada_cpt.*"]),
-    package_data={"llada_cpt": ["data/bundled/*", "configs/*.yaml"]},
+    package_data={"llada_cpt": ["data/bundled/*", "configs/*.yaml", "eval_tasks/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",

@@ -20,7 +20,7 @@ if [ "${LLADA_CPT_UNPINNED:-0}" != "1" ]; then
 else
   python -c "import torch" 2>/dev/null || python -m pip install -q torch || exit 1
 fi
-python -m pip install -q ${constraints[@]+"${constraints[@]}"} -e '.[test,hf,rl]' || exit 1
+python -m pip install -q ${constraints[@]+"${constraints[@]}"} -e '.[test,hf,rl,eval]' || exit 1
 python -m pytest -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
