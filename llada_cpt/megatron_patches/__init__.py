@@ -5,6 +5,8 @@
 * :mod:`llada_cpt.megatron_patches.checkpoint_args`: activation recomputation with our
   non-tensor ``attention_mask`` (the AttentionLayout).
 * :mod:`llada_cpt.megatron_patches.moe_aux_loss`: MoE aux-loss gradient scale under CP / sequence parallelism.
+* :mod:`llada_cpt.megatron_patches.torch_optimizer`: grad norm and clipping on torch's multi-tensor kernels
+  (one host sync) and fused AdamW, where apex / TE are absent.
 
 Targets ``megatron-core>=0.16.1,<0.20``; :func:`apply` returns the names of the
 patches applied in this process, for the start-up log.
@@ -18,6 +20,7 @@ __all__ = ["apply"]
 
 def apply() -> List[str]:
     """Apply the patches this process needs (idempotent)."""
-    from . import checkpoint_args, cpu, moe_aux_loss, te_absent
+    from . import checkpoint_args, cpu, moe_aux_loss, te_absent, torch_optimizer
 
-    return cpu.apply() + te_absent.apply() + checkpoint_args.apply() + moe_aux_loss.apply()
+    return (cpu.apply() + te_absent.apply() + checkpoint_args.apply() + moe_aux_loss.apply()
+            + torch_optimizer.apply())

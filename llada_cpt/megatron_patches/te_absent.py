@@ -61,8 +61,9 @@ def _torch_adam_step_state() -> bool:
             for group in self.optimizer.param_groups:
                 for param in group["params"]:
                     state = self.optimizer.state[param]
-                    if not state:
-                        state["step"] = torch.tensor(0.0)
+                    if not state:  # fused AdamW (torch_optimizer.use_fused_adamw) keeps step on the device
+                        fused = group.get("fused")
+                        state["step"] = torch.tensor(0.0, device=param.device if fused else None)
                         state["exp_avg"] = torch.zeros_like(param)
                         state["exp_avg_sq"] = torch.zeros_like(param)
         return sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)

@@ -1,17 +1,24 @@
 """Megatron-Core optimizer and learning-rate scheduler built from our config."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from ..config.schema import Config
+from ..megatron_patches.torch_optimizer import use_fused_adamw
 
 
-def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], bf16: bool):
-    """Adam (torch AdamW fallback without TE/apex) with clipping inside Megatron's ``step``."""
+def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], bf16: bool, fused: Optional[bool] = None):
+    """Adam with clipping inside Megatron's ``step``.
+
+    With TE/apex Megatron uses their FusedAdam.  Without them it falls back to torch
+    AdamW, which we switch to ``fused=True`` (one kernel for all parameters) when
+    ``fused`` is True, or by default (None) on CUDA; gradient norm and clipping use
+    ``torch._foreach_*`` there (``megatron_patches/torch_optimizer.py``).
+    """
     t = cfg.train
     opt_cfg = OptimizerConfig(
         optimizer="adam",
@@ -27,6 +34,8 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], bf16: bool
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
+    if (torch.cuda.is_available() if fused is None else fused):
+        use_fused_adamw(optimizer)
     return optimizer
 
 
