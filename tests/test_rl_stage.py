@@ -84,3 +84,129 @@ def test_block_size_mismatch_is_a_config_error(tmp_path):
     line = assert_clean_error(proc, "rl", "rl.block_size=8", "diffusion.block_schedule")
     assert "training block size 4" in line
     assert not (tmp_path / "x" / "latest").exists()
+
+
+# ----------------------------------------------- the PPO step: entropy gradients, context parallelism
+
+def _trajectory_rows(stage, mask_id: int, advantages) -> list:
+    """TraceRL rows of 4 synthetic rollouts (prompt + 12 tokens, 2 steps per block, 2 forwards each)."""
+    from llada_cpt.rl import build_trajectory_inputs
+
+    g = torch.Generator().manual_seed(3)
+    B = stage.cfg.rl.block_size
+    rows = []
+    for k, adv in enumerate(advantages):
+        prompt = torch.randint(5, 200, (7 + 3 * k,), generator=g)
+        gen = torch.randint(5, 200, (12,), generator=g)
+        P = prompt.numel()
+        step_map = torch.tensor([2 * ((P + i) // B) + i % 2 for i in range(12)])
+        traj = build_trajectory_inputs(prompt, gen, step_map, B, mask_id, 2)
+        logp = torch.cat([torch.zeros(P), -torch.rand(12, generator=g)])
+        rows += [{"x_t": traj.x_t[f], "x_0": traj.x_0, "target": traj.target[f], "advantage": adv,
+                  "rollout_logp": logp} for f in range(traj.num_forwards)]
+    return rows
+
+
+def _hand_entropy_grads(run, batches) -> list:
+    """grad of -(mean entropy over the target tokens of the global batch), from full-vocabulary logits."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from llada_cpt.training.distributed import unwrap
+
+    model = unwrap(run.model_chunks[0])
+    names, params = zip(*model.named_parameters())
+    tp = ps.get_tensor_model_parallel_world_size()
+    total, count = torch.zeros(()), torch.zeros(())
+    for b in batches:
+        L = b.layout.seq_length
+        logits = model(b.input_ids, b.layout.position_ids(local=True), attention_mask=b.layout)[:, :L].float()
+        if tp > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        logp = torch.log_softmax(logits, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        target = b.target[:, :L]
+        total = total + entropy[target].sum()
+        count = count + target.sum()
+    grads = torch.autograd.grad(-total, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g.detach().clone() for g, p in zip(grads, params)]
+    group = ps.get_data_parallel_group()
+    dist.all_reduce(count, group=group)
+    for name, g in zip(names, grads):
+        dist.all_reduce(g, group=group)
+        if tp > 1 and ("q_layernorm" in name or "k_layernorm" in name):  # shared by the heads of all TP ranks:
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())  # summed as Megatron does
+    return [g / count for g in grads]
+
+
+def _ppo_step_layouts(rank: int, world: int, out: str) -> dict:
+    """From the same weights and rows: TP1 x DP2, TP2 and CP2 (2 ranks).  Zero advantages with entropy_coef=1
+    (TP1, TP2: stage vs hand gradients), and a PPO step with advantages and recomputed old log-probs
+    (TP1 x DP2 vs CP2: loss and gradients)."""
+    from llada_cpt.config import load_config
+    from llada_cpt.rl import PPOConfig
+    from llada_cpt.stages.rl import RLStage
+    from llada_cpt.training import checkpoint as ckpt
+    from llada_cpt.training.loop import build_run
+
+    results = {}
+    for layout, over in (("tp1", []), ("tp2", ["parallel.tensor_model_parallel_size=2"]),
+                         ("cp2", ["parallel.context_parallel_size=2"])):
+        init = [f"train.init_from={out}/w"] if layout != "tp1" else []
+        cfg = load_config(str(REPO / "configs" / "tiny_rl.yaml"),
+                          ["train.micro_batch_size=2", "train.global_batch_size=4",
+                           "parallel.use_distributed_optimizer=false",
+                           "rl.old_logprobs=recompute", *init, *over])
+        cfg.stage = "rl"
+        stage = RLStage(cfg)
+        run = build_run(cfg, stage)
+        if layout == "tp1":
+            ckpt.save_checkpoint(f"{out}/w", 0, run.model_chunks, None, None, {}, cfg)
+        L = cfg.data.seq_length
+        pad = stage.tokenizer.pad_id if stage.tokenizer.pad_id is not None else stage.tokenizer.eod_id
+        dp_rank, dp = run.dp_rank, run.dp_size
+        for case, advantages, ppo in (("entropy", [0.0] * 4, PPOConfig(entropy_coef=1.0)),
+                                      ("ppo", [1.0, -1.0, 0.5, -0.5], PPOConfig(entropy_coef=0.01))):
+            rows = _trajectory_rows(stage, run.mask_id, advantages)
+            mine = rows[dp_rank * len(rows) // dp:(dp_rank + 1) * len(rows) // dp]
+            batches = [stage._batch(mine[i:i + 2], L, pad) for i in range(0, len(mine), 2)]
+            stage.ppo = ppo
+            run.optimizer.zero_grad()
+            res = stage.forward_backward(run, batches, forward_only=False)
+            grads = [p.main_grad.detach().clone() for c in run.model_chunks for p in c.parameters()]
+            results[f"{layout}_{case}"] = {"loss": res.loss, "metrics": dict(res.metrics), "grads": grads}
+            if case == "entropy" and layout != "cp2":
+                results[f"{layout}_hand"] = _hand_entropy_grads(run, batches)
+    return results
+
+
+@pytest.fixture(scope="module")
+def ppo_layouts(tmp_path_factory):
+    return run_distributed(_ppo_step_layouts, 2, str(tmp_path_factory.mktemp("ppo_layouts")), timeout=600)
+
+
+def _max_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_entropy_coef_trains_the_entropy(ppo_layouts, layout):
+    """Zero advantages: the PPO gradient is exactly that of -entropy_coef * mean entropy over the targets."""
+    for per_rank in ppo_layouts:
+        got, want = per_rank[f"{layout}_entropy"]["grads"], per_rank[f"{layout}_hand"]
+        scale = max(float(g.abs().max()) for g in want)
+        assert scale > 0
+        assert _max_diff(got, want) <= 1e-4 * scale, _max_diff(got, want) / scale
+
+
+def test_rl_step_under_context_parallelism_equals_cp1(ppo_layouts):
+    """Packed trajectory rows, recomputed old log-probs: CP=2 gives the loss, metrics and gradients of CP=1."""
+    for per_rank in ppo_layouts:
+        want, got = per_rank["tp1_ppo"], per_rank["cp2_ppo"]
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-7), (got["loss"], want["loss"])
+        for key, value in want["metrics"].items():
+            assert math.isclose(got["metrics"][key], value, rel_tol=1e-5, abs_tol=1e-6), key
+        assert want["metrics"]["ratio"] == pytest.approx(1.0, abs=1e-6)
+        scale = max(float(g.abs().max()) for g in want["grads"])
+        assert scale > 0 and _max_diff(got["grads"], want["grads"]) <= 1e-5 * scale

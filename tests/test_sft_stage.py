@@ -127,9 +127,9 @@ def test_cap_with_lambda_zero_has_the_plain_sft_gradients_and_lambda_changes_the
         assert math.isclose(cap0["loss"], plain["loss"], rel_tol=1e-6)
         assert _max_diff(cap0["grads"], plain["grads"]) <= 1e-5 * scale
         m = cap["metrics"]
-        assert 0 < m["cap_correct"] <= 1 and m["cap_entropy"] > 0  # some masked tokens are right
+        assert 0 < m["cap_correct"] <= 1 and m["cap_term"] > 0 and m["cap_correct_tokens"] > 0  # some are right
         assert math.isclose(m["sft_loss"], plain["loss"], rel_tol=1e-6)
-        # both terms logged; the loss is L_SFT + lambda * L_conf, L_conf per eligible token
+        # both terms logged; the loss is L_SFT + lambda * L_conf, L_conf the mean over the correct tokens
         assert math.isclose(cap["loss"], m["sft_loss"] + 0.5 * m["cap_term"], rel_tol=1e-6)
         # near-uniform predictions have a small entropy gradient, but far above rounding
         changed = _max_diff(cap["grads"], plain["grads"])
@@ -161,7 +161,7 @@ def test_sft_cli_run_from_a_cpt_checkpoint_lowers_the_loss(sft_cli):
     assert "initialised weights from" in out and "complementary masks on; CAP lambda 0.1" in out
     records = step_records(sft_cli["save_dir"])
     assert [r["step"] for r in records] == list(range(1, SFT_STEPS + 1))
-    assert all(k in records[0] for k in ("sft_loss", "cap_term", "cap_entropy", "cap_correct"))
+    assert all(k in records[0] for k in ("sft_loss", "cap_term", "cap_correct", "cap_correct_tokens"))
     assert mean([r["sft_loss"] for r in records[-4:]]) < mean([r["sft_loss"] for r in records[:4]]) - 0.3
     val = validation_losses(out)
     assert val[SFT_STEPS] < val[0] - 0.3, val
@@ -188,3 +188,110 @@ def test_bad_sft_lines_are_reported_with_line_numbers_through_the_cli(tmp_path):
         assert f"{bad}:{n}:" in line
     assert f"{bad}:4:" not in line
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------- CAP normalisation and embedding noise across layouts
+
+NOISE = ("diffusion.embedding_noise_steps=100", "diffusion.embedding_noise_std=0.02")
+CAP_LAMBDA = 0.5
+
+
+def _hand_cap(run, batches) -> dict:
+    """L_conf by hand (TP=1): the mean entropy over masked x_t tokens whose argmax is the target, over the
+    global batch (sums all-reduced over DP), and the gradient of ``lambda * L_conf`` by autograd."""
+    import torch.distributed as dist
+
+    from llada_cpt.diffusion.cap import token_entropy
+    from llada_cpt.training.distributed import unwrap
+
+    model = unwrap(run.model_chunks[0])
+    params = [p for p in model.parameters()]
+    entropy_sum, correct = torch.zeros(()), torch.zeros(())
+    for b in batches:
+        L = b.layout.seq_length
+        logits = model(b.input_ids, b.layout.position_ids(local=True), attention_mask=b.layout)[:, :L].float()
+        masked = b.loss_weight[:, :L] > 0
+        right = masked & (logits.argmax(-1) == b.labels[:, :L])
+        entropy_sum = entropy_sum + token_entropy(logits[right]).sum()
+        correct = correct + right.sum()
+    grads = torch.autograd.grad(entropy_sum, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g.detach().clone() for g, p in zip(grads, params)]
+    sums = torch.stack([entropy_sum.detach(), correct.float()])
+    dist.all_reduce(sums)
+    for g in grads:
+        dist.all_reduce(g)
+    n = float(sums[1])
+    return {"mean": float(sums[0]) / n, "correct": n, "grads": [CAP_LAMBDA * g / n for g in grads]}
+
+
+def _sft_noise_cap_layouts(rank: int, world: int, out: str) -> dict:
+    """With masked-embedding noise on: plain SFT and CAP losses / metrics under DP2 x 1 micro-batch, DP2 x 2,
+    DP1 (TP2) x 2 and DP1 (TP2) x 4 micro-batches from the same weights; on DP2 x 1 also CAP by hand."""
+    from llada_cpt.stages.sft import SFTStage, sft_loss
+    from llada_cpt.training import checkpoint as ckpt
+    from llada_cpt.training.loop import build_run
+
+    cfg = small_config("sft", "train.lr=3e-3")
+    stage = SFTStage(cfg)
+    run = build_run(cfg, stage)
+    for _ in range(2):  # some masked tokens predicted right
+        data = stage.step_data(run, 32)
+        run.optimizer.zero_grad()
+        stage.forward_backward(run, data.micro_batches, forward_only=False)
+        run.optimizer.step()
+    ckpt.save_checkpoint(f"{out}/w", 2, run.model_chunks, None, None, {}, cfg)
+    position = stage.position
+    results = {}
+    for name, over in (("dp2_mb1", ()), ("dp2_mb2", ("train.micro_batch_size=1",)),
+                       ("dp1_mb2", ("parallel.tensor_model_parallel_size=2",)),
+                       ("dp1_mb4", ("parallel.tensor_model_parallel_size=2", "train.micro_batch_size=1"))):
+        other = small_config("sft", f"train.init_from={out}/w", *NOISE, *over)
+        stage2 = SFTStage(other)
+        run2 = build_run(other, stage2)
+        stage2.position = position
+        batches = stage2.step_data(run2, 32).micro_batches
+        for loss_name, lam in (("plain", None), ("cap", CAP_LAMBDA)):
+            stage2.loss = sft_loss(lam)
+            run2.optimizer.zero_grad()
+            res = stage2.forward_backward(run2, batches, forward_only=False)
+            results[f"{name}_{loss_name}"] = {"loss": res.loss, "metrics": res.metrics, "grads": _grads(run2)}
+        if name == "dp2_mb1":
+            results["hand"] = _hand_cap(run2, batches)
+        for loss_name in ("plain", "cap"):
+            if name != "dp2_mb1":
+                del results[f"{name}_{loss_name}"]["grads"]
+    return results
+
+
+@pytest.fixture(scope="module")
+def noise_cap_layouts(tmp_path_factory):
+    return run_distributed(_sft_noise_cap_layouts, 2, str(tmp_path_factory.mktemp("sft_noise_cap")), timeout=800)
+
+
+@pytest.mark.parametrize("layout", ["dp2_mb2", "dp1_mb2", "dp1_mb4"])
+def test_sft_with_embedding_noise_has_the_same_losses_on_every_layout(noise_cap_layouts, layout):
+    """The masked-embedding noise of a sample is seeded by its position (``layout.row_seeds``), not by the
+    DP rank and the number of forward calls."""
+    for per_rank in noise_cap_layouts:
+        for name in ("plain", "cap"):
+            got, want = per_rank[f"{layout}_{name}"]["loss"], per_rank[f"dp2_mb1_{name}"]["loss"]
+            assert math.isclose(got, want, rel_tol=1e-5), (layout, name, got, want)
+
+
+def test_cap_term_is_the_mean_entropy_over_correct_tokens_on_every_layout(noise_cap_layouts):
+    for per_rank in noise_cap_layouts:
+        hand, cap, plain = per_rank["hand"], per_rank["dp2_mb1_cap"], per_rank["dp2_mb1_plain"]
+        m = cap["metrics"]
+        assert hand["correct"] > 0 and m["cap_correct_tokens"] == hand["correct"]
+        assert math.isclose(m["cap_term"], hand["mean"], rel_tol=1e-5), (m["cap_term"], hand["mean"])
+        assert math.isclose(cap["loss"], m["sft_loss"] + CAP_LAMBDA * hand["mean"], rel_tol=1e-5)
+        assert math.isclose(m["sft_loss"], plain["loss"], rel_tol=1e-6)
+        # gradients: L_SFT's plus lambda * grad(mean entropy over the correct tokens)
+        scale = max(float(g.abs().max()) for g in hand["grads"])
+        assert scale > 0
+        diff = [c - p for c, p in zip(cap["grads"], plain["grads"])]
+        assert _max_diff(diff, hand["grads"]) <= 1e-4 * scale, _max_diff(diff, hand["grads"]) / scale
+        for layout in ("dp2_mb2", "dp1_mb2", "dp1_mb4"):
+            other = per_rank[f"{layout}_cap"]["metrics"]
+            for key in ("cap_term", "cap_correct_tokens", "sft_loss"):
+                assert math.isclose(other[key], m[key], rel_tol=1e-5), (layout, key, other[key], m[key])

@@ -16,10 +16,11 @@ contributes.
 Normalisation follows :mod:`llada_cpt.diffusion.loss`: each micro-batch returns
 ``(entropy_sum, num_correct)`` and the step sums both over micro-batches and
 DP/CP ranks before dividing, so ``L_conf`` is the exact mean over the global
-batch.  A pipelined loop that must scale gradients before the global count is
-known can instead divide ``entropy_sum`` by the eligible-token count of the SFT
-term (then ``L_conf`` is the entropy per eligible token, smaller by the
-fraction of eligible tokens that are masked and correct; scale ``lambda``).
+batch (dParallel's definition, which the report's lambda values assume).  A
+loop that scales gradients once by the global *eligible* count (Megatron's
+per-token path) needs the global correct count before the backward pass: the
+SFT stage counts it with :func:`vocab_parallel_correct_count` in a forward-only
+pass and weights ``entropy_sum`` by ``eligible / correct``.
 
 Tensor parallelism: with vocab-sharded logits (Megatron's output layer, rank
 ``r`` of the TP group holds the contiguous vocabulary slice
@@ -41,6 +42,7 @@ __all__ = [
     "token_entropy",
     "cap_confidence_terms",
     "vocab_parallel_cap_confidence_terms",
+    "vocab_parallel_correct_count",
     "cap_loss",
 ]
 
@@ -124,6 +126,25 @@ def vocab_parallel_cap_confidence_terms(
     The global argmax is the smallest global index among the shards holding the
     global maximum, which is what ``torch.argmax`` returns on the full row.
     """
+    rows, correct = _vocab_parallel_correct(logits, labels, loss_weight_or_masked, group, vocab_start_index)
+    return _terms(rows, correct, group)
+
+
+def vocab_parallel_correct_count(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_weight_or_masked: torch.Tensor,
+    group,
+    vocab_start_index: Optional[int] = None,
+) -> torch.Tensor:
+    """Number of masked positions whose (global) argmax equals the target: ``L_conf``'s denominator."""
+    with torch.no_grad():
+        _, correct = _vocab_parallel_correct(logits, labels, loss_weight_or_masked, group, vocab_start_index)
+    return correct.sum().to(torch.float32)
+
+
+def _vocab_parallel_correct(logits, labels, loss_weight_or_masked, group, vocab_start_index):
+    """``(masked rows, argmax == target per row)``; the selection is not differentiated."""
     if vocab_start_index is None:
         vocab_start_index = dist.get_rank(group) * logits.shape[-1]
     rows, targets = _masked_rows(logits, labels, loss_weight_or_masked)
@@ -137,7 +158,7 @@ def vocab_parallel_cap_confidence_terms(
             correct = _all_reduce(candidate, dist.ReduceOp.MIN, group) == targets
         else:
             correct = torch.zeros(0, dtype=torch.bool, device=rows.device)
-    return _terms(rows, correct, group)
+    return rows, correct
 
 
 def cap_loss(

@@ -28,9 +28,11 @@ def is_mdlm(block_size: int, seq_length: int) -> bool:
 class DiffusionBatch:
     """Model-ready tensors; ``S = 2L`` (BDLM) or ``L`` (MDLM)."""
 
-    # fields laid out over the model input [b, S] (x_t half first): what noised_half cuts;
-    # subclasses with more per-token fields extend it
+    # fields laid out over the model input [b, S] (x_t half first): what noised_half cuts and the
+    # context-parallel split slices by token; subclasses with more per-token fields extend it
     token_fields: ClassVar[Tuple[str, ...]] = ("input_ids", "labels", "loss_weight")
+    # fields laid out over the L positions of one copy [b, L]: the context-parallel split slices them by position
+    position_fields: ClassVar[Tuple[str, ...]] = ("masked", "t", "eligible")
 
     input_ids: torch.Tensor  # [b, S]
     labels: torch.Tensor  # [b, S] clean tokens (meaningful where loss_weight > 0)

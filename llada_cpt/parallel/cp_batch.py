@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.layout import AttentionLayout
 from .context import cp_partition
 
-__all__ = ["layout_partition", "split_layout", "split_batch"]
+__all__ = ["layout_partition", "split_layout", "split_batch", "full_token_values"]
 
 
 def _partition_block_size(layout: AttentionLayout) -> int:
@@ -56,24 +57,46 @@ def split_layout(layout: AttentionLayout, cp_size: int, cp_rank: int) -> Attenti
 def split_batch(batch: DiffusionBatch, cp_size: int, cp_rank: int) -> DiffusionBatch:
     """The tokens of ``batch`` that CP rank ``cp_rank`` of ``cp_size`` computes.
 
-    ``input_ids``/``labels``/``loss_weight`` keep this rank's positions of each
-    half (``[x_t local ; x_0 local]``, ``num_copies * L / cp`` tokens);
-    ``masked``/``t``/``eligible`` keep its positions of ``[0, L)``, so
-    ``num_eligible`` counts this rank's share and the sum over CP ranks is the
-    full count.  ``cp_size == 1`` returns ``batch`` unchanged.
+    Every per-token field the batch type declares is cut: ``token_fields``
+    (``[b, S]``: ``input_ids``/``labels``/``loss_weight``, RL's targets,
+    advantages and log-probs) keep this rank's positions of each half
+    (``[x_t local ; x_0 local]``, ``num_copies * L / cp`` tokens);
+    ``position_fields`` (``[b, L]``: ``masked``/``t``/``eligible``) keep its
+    positions of ``[0, L)``, so ``num_eligible`` counts this rank's share and the
+    sum over CP ranks is the full count.  ``cp_size == 1`` returns ``batch``
+    unchanged.
     """
     if cp_size == 1:
         return batch
     layout = split_layout(batch.layout, cp_size, cp_rank)
-    positions = layout.local_positions.to(batch.input_ids.device)
-    tokens = layout.global_index(local=True).to(batch.input_ids.device)
-    return dataclasses.replace(
-        batch,
-        input_ids=batch.input_ids[:, tokens],
-        labels=batch.labels[:, tokens],
-        loss_weight=batch.loss_weight[:, tokens],
-        layout=layout,
-        masked=batch.masked[:, positions],
-        t=batch.t[:, positions],
-        eligible=batch.eligible[:, positions],
-    )
+    device = batch.input_ids.device
+    S, L = batch.input_ids.shape[1], layout.seq_length
+    cut = {}
+    for names, index, width in ((type(batch).token_fields, layout.global_index(local=True), S),
+                                (type(batch).position_fields, layout.local_positions, L)):
+        for name in names:
+            value = getattr(batch, name)
+            if value is None:
+                continue
+            if value.shape[1] != width:
+                raise ValueError(f"per-token field `{name}` has {value.shape[1]} positions, expected {width}; "
+                                 "split the full micro-batch")
+            cut[name] = value[:, index.to(device)]
+    return dataclasses.replace(batch, layout=layout, **cut)
+
+
+def full_token_values(values: torch.Tensor, layout: AttentionLayout, cp_group=None) -> torch.Tensor:
+    """Per-token ``values`` of this CP rank (``[b, n]``: all its tokens, or their x_t half) placed at their
+    global positions of the ``[b, num_copies * L]`` input, zeros elsewhere, and summed over ``cp_group``:
+    every CP rank gets the values of the whole micro-batch (e.g. RL's recomputed old log-probs, which the
+    training pass splits again like any other per-token field)."""
+    index = layout.global_index(local=True).to(values.device)
+    if layout.num_copies == 2 and values.shape[1] == index.numel() // 2:
+        index = index[: index.numel() // 2]  # the LM head ran on the x_t half
+    if values.shape[1] != index.numel():
+        raise ValueError(f"{values.shape[1]} values for {index.numel()} local tokens")
+    full = values.new_zeros(values.shape[0], layout.num_copies * layout.seq_length)
+    full[:, index] = values
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        dist.all_reduce(full, group=cp_group)
+    return full

@@ -34,14 +34,22 @@ def noise_config(cfg: Config) -> NoiseConfig:
 
 
 def make_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, positions: Sequence[int], block_size: int,
-               mask_id: int, cfg: Config, eligible: Optional[torch.Tensor] = None, salt: str = "noise") -> DiffusionBatch:
-    """Noise one micro-batch with per-sample seeds and lay it out for the model."""
+               mask_id: int, cfg: Config, eligible: Optional[torch.Tensor] = None, salt: str = "noise",
+               complementary: bool = False) -> DiffusionBatch:
+    """Noise one micro-batch with per-sample seeds and lay it out for the model (the batch builder of every
+    stage that trains on the ELBO: CPT, SFT).
+
+    The seeds of the global sample ``positions`` draw the mask (``t``, Bernoulli) and, through
+    ``layout.row_seeds``, the masked-embedding noise, so neither depends on the data-parallel split or on
+    restarts.  ``complementary`` appends each row's complement (rows ``b + i``), which shares its seed.
+    """
     if eligible is None:
         eligible = torch.ones_like(tokens, dtype=torch.bool)
     seeds = [sample_seed(cfg.train.seed, p, salt) for p in positions]
     t, masked = sample_noise_per_row(doc_ids, eligible, block_size, noise_config(cfg), seeds)
-    batch = build_diffusion_batch(tokens, doc_ids, block_size, mask_id, eligible=eligible, t=t, masked=masked)
-    batch.layout.row_seeds = torch.tensor(seeds, dtype=torch.long)
+    batch = build_diffusion_batch(tokens, doc_ids, block_size, mask_id, eligible=eligible, t=t, masked=masked,
+                                  complementary=complementary)
+    batch.layout.row_seeds = torch.tensor(seeds * (2 if complementary else 1), dtype=torch.long)
     return batch
 
 

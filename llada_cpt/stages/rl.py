@@ -50,6 +50,7 @@ from ..diffusion.cap import token_entropy
 from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError, DataError
+from ..parallel.cp_batch import full_token_values
 from ..rl import (DynamicSamplingConfig, PPOConfig, RewardConfig, RewardFunction, build_trajectory_inputs,
                   dynamic_sample, group_advantages, ppo_loss)
 from ..training.distributed import all_reduce_host
@@ -105,27 +106,37 @@ def load_questions(paths: Sequence[str]) -> List[dict]:
     return out
 
 
-def _logp_and_entropy(batch: RLBatch, logits: torch.Tensor):
-    """Per-token log-prob of the label and entropy, from vocab-parallel logits ``[b, S, V/tp]``."""
+def _entropy(logits: torch.Tensor, trained: bool) -> torch.Tensor:
+    """Per-token entropy from vocab-parallel logits ``[b, S, V/tp]``; differentiable (its backward needs no
+    communication, :mod:`llada_cpt.diffusion.cap`) when ``trained`` (``rl.entropy_coef != 0``), else logged only."""
     group = parallel_state.get_tensor_model_parallel_group()
+    group = group if dist.get_world_size(group) > 1 else None
+    if trained:
+        return token_entropy(logits.float(), group)
     with torch.no_grad():
-        entropy = token_entropy(logits.detach().float(), group if dist.get_world_size(group) > 1 else None)
-    logp = -vocab_parallel_cross_entropy(logits.float(), batch.labels)
-    return logp, entropy
+        return token_entropy(logits.detach().float(), group)
+
+
+def _logp(batch: RLBatch, logits: torch.Tensor) -> torch.Tensor:
+    """Per-token log-prob of the label (after :func:`_entropy`: the cross entropy works in place on fp32)."""
+    return -vocab_parallel_cross_entropy(logits.float(), batch.labels)
 
 
 def _old_logp_loss_func(batch: RLBatch, logits: torch.Tensor):
-    logp, _ = _logp_and_entropy(batch, logits)
+    """Log-probs of every token of the full micro-batch ``[b, S]`` (gathered over context-parallel ranks), so
+    that the training pass can split them like the other per-token fields."""
+    logp = _logp(batch, logits).detach()
     zero = torch.zeros(3, dtype=torch.float64, device=logp.device)
-    return logp.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logp.device), \
-        {"loss_terms": zero, "logp": logp.detach()}
+    full = full_token_values(logp, batch.layout, parallel_state.get_context_parallel_group())
+    return logp.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logp.device), {"loss_terms": zero, "logp": full}
 
 
 LOGPROBS = StepLoss(make=lambda batch: partial(_old_logp_loss_func, batch), logits=True)
 
 
 def _ppo_loss_func(batch: RLBatch, cfg: PPOConfig, logits: torch.Tensor):
-    logp, entropy = _logp_and_entropy(batch, logits)
+    entropy = _entropy(logits, trained=bool(cfg.entropy_coef) and torch.is_grad_enabled())
+    logp = _logp(batch, logits)
     ref = batch.ref_logp if cfg.kl_coef else None
     terms = ppo_loss(logp, batch.old_logp, batch.advantages, batch.target, cfg, ref_logp=ref, entropy=entropy)
     count = terms.count.to(torch.int)
@@ -351,7 +362,8 @@ class RLStage:
     def forward_backward(self, run: Run, batches: List[RLBatch], forward_only: bool) -> StepResult:
         self._attach_logprobs(run, batches)
         count = torch.tensor([float(sum(int(b.target.sum()) for b in batches))], dtype=torch.float64)
-        count = all_reduce_host(count, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        # every context-parallel rank holds the whole micro-batches: sum over data-parallel ranks only
+        count = all_reduce_host(count, group=parallel_state.get_data_parallel_group())
         self._count = float(count)
         res = forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)
         res.metrics.update(self.rollout_metrics)

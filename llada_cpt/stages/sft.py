@@ -14,21 +14,24 @@ packed sequence is also trained with the inverse mask over its response tokens,
 in the same micro-batch (rows ``i`` and ``b + i``), so ``train.micro_batch_size``
 and ``global_batch_size`` count *sequences* and the model sees twice as many rows.
 
-Loss normalisation: every row's eligible tokens count, so
+Loss normalisation (DESIGN section 2, dParallel's CAP):
 
-    L = (sum over rows of w * CE  +  lambda * sum of H over masked, correctly predicted tokens)
-        / number of eligible tokens in all rows of the global batch
+    L = sum over rows of w * CE / N_eligible  +  lambda * sum of H over masked, correct tokens / N_correct
 
-i.e. ``L_conf`` (CAP, report eq. 6) is the entropy *per eligible token*, the same
-denominator as ``L_SFT``: it goes through Megatron's single per-token
-normalisation, so loss and gradients do not depend on the micro-batch / DP / CP
-split (an exact mean over correct tokens would need the global count before the
-backward pass).  Logged: ``sft_loss`` and ``cap_term`` (the two summands without
-lambda), ``cap_entropy`` (the exact mean entropy over the correct tokens) and
-``cap_correct`` (the fraction of masked tokens predicted correctly).
+with both counts taken over the global batch (every row's eligible tokens; the
+masked tokens whose argmax equals the target), so loss and gradients do not
+depend on the micro-batch / DP / CP split and the report's lambda values carry
+over.  Megatron divides the gradients once, by ``N_eligible``, after the backward
+passes, so ``N_correct`` must be known before them: with CAP on, a forward-only
+pass over the step's micro-batches counts the correct tokens first (one extra
+forward per step) and each micro-batch weights its entropy sum by
+``N_eligible / N_correct``.  Logged: ``sft_loss`` and ``cap_term`` (``L_SFT`` and
+``L_conf``, without lambda), ``cap_correct`` (the fraction of masked tokens
+predicted correctly) and ``cap_correct_tokens`` (``N_correct``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional, Sequence
 
@@ -38,29 +41,35 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from ..config.schema import Config
 from ..data.sft import SFTDataConfig, collate_packed, load_sft_dataset
-from ..diffusion.cap import vocab_parallel_cap_confidence_terms
-from ..diffusion.inputs import DiffusionBatch, build_diffusion_batch
+from ..diffusion.cap import vocab_parallel_cap_confidence_terms, vocab_parallel_correct_count
+from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.loss import weighted_loss_terms
-from ..diffusion.noise import sample_noise_per_row
 from ..training.loop import Run, StepData
 from ..training.step import ELBO_LOSS, StepLoss, StepResult, forward_backward
 from .common import (PackedSplit, collate_rows, data_paths, init_or_none, print_stats, resolve_block_size,
                      resolve_tokenizer, say)
-from .cpt import noise_config, sample_seed
+from .cpt import make_batch
 
-__all__ = ["SFTStage", "sft_loss", "main"]
+__all__ = ["SFTStage", "CAPLoss", "sft_loss", "main"]
 
 CAP_SUMS = ("sft_sum", "entropy_sum", "correct", "eligible", "masked")
 
 
-def _cap_loss_func(batch: DiffusionBatch, lam: float, logits: torch.Tensor):
-    """``(sum w*CE + lambda * sum H, eligible, report)`` from vocab-parallel logits ``[b, S, V/tp]``."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+def _vocab_shard():
+    """``(TP group, first vocabulary index of this rank's shard)`` for logits ``[..., V/tp]``."""
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def _cap_loss_func(batch: DiffusionBatch, entropy_weight: float, logits: torch.Tensor):
+    """``(sum w*CE + entropy_weight * sum H, eligible, report)`` from vocab-parallel logits ``[b, S, V/tp]``;
+    ``entropy_weight = lambda * N_eligible / N_correct`` (global counts), so that Megatron's division by
+    ``N_eligible`` leaves ``lambda * sum H / N_correct``."""
+    group, tp_rank = _vocab_shard()
+    start = tp_rank * logits.shape[-1]
     entropy_sum, correct = vocab_parallel_cap_confidence_terms(logits, batch.labels, batch.loss_weight, group, start)
     ce = vocab_parallel_cross_entropy(logits, batch.labels)  # last: it works in place on fp32 logits
     sft_sum, count = weighted_loss_terms(ce, batch.loss_weight, batch.num_eligible)
-    total = sft_sum + lam * entropy_sum
+    total = sft_sum + entropy_weight * entropy_sum
     masked = batch.masked.sum().double()
     sums = torch.stack([sft_sum.detach().double(), entropy_sum.detach().double(), correct.double(), count.double(),
                         masked])
@@ -69,17 +78,38 @@ def _cap_loss_func(batch: DiffusionBatch, lam: float, logits: torch.Tensor):
 
 
 def _cap_metrics(s: Dict[str, float]) -> Dict[str, float]:
-    eligible = max(s["eligible"], 1.0)
-    return {"sft_loss": s["sft_sum"] / eligible, "cap_term": s["entropy_sum"] / eligible,
-            "cap_entropy": s["entropy_sum"] / max(s["correct"], 1.0), "cap_correct": s["correct"] / max(s["masked"], 1.0)}
+    return {"sft_loss": s["sft_sum"] / max(s["eligible"], 1.0), "cap_term": s["entropy_sum"] / max(s["correct"], 1.0),
+            "cap_correct": s["correct"] / max(s["masked"], 1.0), "cap_correct_tokens": s["correct"]}
 
 
-def sft_loss(cap_lambda: Optional[float]) -> StepLoss:
-    """The SFT step's loss: the plain ELBO (``None``), or ELBO + ``cap_lambda * L_conf`` from logits."""
-    if cap_lambda is None:
-        return ELBO_LOSS
-    return StepLoss(make=lambda batch: partial(_cap_loss_func, batch, float(cap_lambda)), logits=True,
-                    metric_names=CAP_SUMS, finalize=_cap_metrics)
+def _correct_count_func(batch: DiffusionBatch, logits: torch.Tensor):
+    """Counting pass: ``[0, eligible, masked]`` and the number of masked tokens predicted correctly."""
+    group, tp_rank = _vocab_shard()
+    correct = vocab_parallel_correct_count(logits, batch.labels, batch.loss_weight, group, tp_rank * logits.shape[-1])
+    eligible = batch.num_eligible.double()
+    report = torch.stack([torch.zeros_like(eligible), eligible, batch.masked.sum().double()])
+    return logits.sum() * 0.0, eligible.to(torch.int), {"loss_terms": report, "metric_sums": correct.double()[None]}
+
+
+CORRECT_COUNT = StepLoss(make=lambda batch: partial(_correct_count_func, batch), logits=True,
+                         metric_names=("correct",))
+
+
+@dataclass(frozen=True)
+class CAPLoss:
+    """ELBO + ``lam * L_conf``; the step needs the global counts first (:meth:`SFTStage.forward_backward`)."""
+
+    lam: float
+
+    def step_loss(self, eligible: float, correct: float) -> StepLoss:
+        weight = self.lam * eligible / max(correct, 1.0)  # no correct token: the entropy sum is 0 anyway
+        return StepLoss(make=lambda batch: partial(_cap_loss_func, batch, weight), logits=True,
+                        metric_names=CAP_SUMS, finalize=_cap_metrics)
+
+
+def sft_loss(cap_lambda: Optional[float]):
+    """The SFT step's loss: the plain ELBO (``None``), or ELBO + ``cap_lambda * L_conf`` (:class:`CAPLoss`)."""
+    return ELBO_LOSS if cap_lambda is None else CAPLoss(float(cap_lambda))
 
 
 class SFTStage:
@@ -120,12 +150,8 @@ class SFTStage:
                    block_size: int, mask_id: int, salt: str) -> DiffusionBatch:
         """Noise the rows (seeded per position) and lay them out; complementary rows follow as ``b + i``."""
         data = collate_rows(sequences, rows, self.pad_id, collate_packed)
-        noise = noise_config(self.cfg)
-        seeds = [sample_seed(self.cfg.train.seed, p, salt) for p in positions]
-        t, masked = sample_noise_per_row(data["doc_ids"], data["eligible"], block_size, noise, seeds)
-        return build_diffusion_batch(data["tokens"], data["doc_ids"], block_size, mask_id, noise=noise,
-                                     eligible=data["eligible"], t=t, masked=masked,
-                                     complementary=self.cfg.sft.complementary)
+        return make_batch(data["tokens"], data["doc_ids"], positions, block_size, mask_id, self.cfg,
+                          eligible=data["eligible"], salt=salt, complementary=self.cfg.sft.complementary)
 
     def step_data(self, run: Run, block_size: int) -> StepData:
         def make(rows, positions):
@@ -143,7 +169,12 @@ class SFTStage:
         return self.split.eval_batches(self.cfg.train.micro_batch_size, run, self.cfg.logging.eval_iters, make)
 
     def forward_backward(self, run: Run, batches: List[DiffusionBatch], forward_only: bool) -> StepResult:
-        return forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)
+        loss = self.loss
+        if isinstance(loss, CAPLoss):  # L_conf's denominator: the global count of correct tokens, counted first
+            with torch.no_grad():
+                counted = forward_backward(run.model_chunks, batches, forward_only=True, loss_fn=CORRECT_COUNT)
+            loss = loss.step_loss(counted.num_eligible, counted.metrics["correct"])
+        return forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=loss)
 
     def state_dict(self) -> dict:
         return {"position": self.position, **(self.split.state_dict() if self.split else {})}
