@@ -172,6 +172,64 @@ def test_flex_rejects_wrong_lengths_and_cpu_backward():
         flex.flex_attention_backend(q, k, v, layout, 0.3)
 
 
+# ----------------------------------------------------------------------------- RoPE and the attention module
+
+
+def _attention_layers(n: int, scaling=None):
+    """``n`` core-attention modules (4 heads, 2 groups, d = 16) as Megatron builds them, one per layer."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from llada_cpt.attention.core import block_diffusion_attention_class
+
+    config = TransformerConfig(num_layers=n, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                               kv_channels=16, attention_dropout=0.0, use_cpu_initialization=True)
+    groups = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1), cp=None)
+    cls = block_diffusion_attention_class("reference", 500000.0, scaling)
+    return [cls(config, i + 1, AttnMaskType.no_mask, "self", pg_collection=groups) for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "llama3-scaling"])
+def test_attention_rope_once_per_layout_equals_eager_per_layer(monkeypatch, dtype, scaled):
+    """cos/sin are computed once per layout for all layers, and every layer's output is bit-equal to the
+    eager path that recomputes positions and cos/sin per layer; the output is a view (no copy)."""
+    from llada_cpt.attention import rope
+    from llada_cpt.attention.rope import Llama3RopeScaling, apply_rotary, rotary_cos_sin
+
+    scaling = Llama3RopeScaling(original_max_position_embeddings=16) if scaled else None
+    layers = _attention_layers(3, scaling)
+    calls = []
+    monkeypatch.setattr(rope, "rotary_cos_sin", lambda *a, **k: calls.append(1) or rotary_cos_sin(*a, **k))
+    rope.ROTARY_CACHE.clear()
+    layout = AttentionLayout(doc_ids=_doc_ids(15), block_size=4)
+    g = torch.Generator().manual_seed(15)
+    s, b = layout.global_index(True).numel(), layout.doc_ids.shape[0]
+    for step, layer in enumerate(layers * 2):  # two passes: the forward and a recomputation
+        query = torch.randn(s, b, 4, 16, generator=g).to(dtype)
+        key, value = (torch.randn(s, b, 2, 16, generator=g).to(dtype) for _ in range(2))
+        got = layer(query, key, value, layout)
+        cos, sin = rotary_cos_sin(layout.position_ids(local=True), 16, 500000.0, scaling)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (apply_rotary(query, cos, sin), apply_rotary(key, cos, sin), value))
+        want = reference_attention(q, k, v, layout, layer.softmax_scale).permute(2, 0, 1, 3).reshape(s, b, 64)
+        assert torch.equal(got, want), step
+        assert got._is_view()  # [b, h, s, d] -> [s, b, h*d] without a copy
+    assert len(calls) == 1
+    other = AttentionLayout(doc_ids=_doc_ids(16), block_size=4)
+    layers[0](query, key, value, other)
+    assert len(calls) == 2  # a new micro-batch's layout: new tables
+
+
+def test_attention_rejects_a_layout_of_other_length():
+    layer, = _attention_layers(1)
+    layout = AttentionLayout(doc_ids=_doc_ids(17), block_size=4)
+    q = torch.randn(2 * L - 2, 2, 4, 16)
+    with pytest.raises(ValueError, match=f"{2 * L} local tokens"):
+        layer(q, q[:, :, :2], q[:, :, :2], layout)
+
+
 # ----------------------------------------------------------------------------- additive bias (cuDNN, TE)
 
 

@@ -30,7 +30,7 @@ from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
 from ..parallel.cp_attention import gather_context_kv
 from .reference import reference_attention
-from .rope import Llama3RopeScaling, apply_rotary, rotary_cos_sin
+from .rope import Llama3RopeScaling, rotary_tables, rotate_qk
 
 __all__ = [
     "AttentionBackend",
@@ -141,25 +141,25 @@ class BlockDiffusionAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("attention_bias / packed_seq_params are not used with an AttentionLayout")
         layout = attention_mask
-        q_pos = layout.position_ids(local=True).to(query.device)
-        k_pos = q_pos if key.shape[0] == query.shape[0] else layout.position_ids(local=False).to(key.device)
-        if q_pos.shape != (query.shape[1], query.shape[0]):
+        local_tokens = layout.global_index(True).numel()
+        if query.shape[0] != local_tokens or layout.doc_ids.shape[0] != query.shape[1]:
             raise ValueError(
-                f"attention layout has {q_pos.shape[1]} local tokens per sequence but the "
-                f"query has {query.shape[0]}"
+                f"attention layout has {local_tokens} local tokens per sequence (batch "
+                f"{layout.doc_ids.shape[0]}) but the query has {query.shape[0]} (batch {query.shape[1]})"
             )
-        cos, sin = rotary_cos_sin(q_pos, self.head_dim, self.rotary_base, self.rotary_scaling)
-        query = apply_rotary(query, cos, sin)
-        if k_pos is not q_pos:
-            cos, sin = rotary_cos_sin(k_pos, self.head_dim, self.rotary_base, self.rotary_scaling)
-        key = apply_rotary(key, cos, sin)
+        # cos/sin once per layout (all layers share it); keys are local too unless the caller gathered them
+        rope = (self.head_dim, self.rotary_base, self.rotary_scaling, query.device, query.dtype)
+        q_tables = rotary_tables(layout, True, *rope)
+        k_tables = q_tables if key.shape[0] == query.shape[0] else rotary_tables(layout, False, *rope)
+        query, key = rotate_qk(query, key, q_tables, k_tables)
         # context parallelism: this rank's queries need the (RoPE'd) keys/values of all tokens
         key, value = gather_context_kv(key, value, layout, self.cp_group)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self.backend(q, k, v, layout, self.softmax_scale)
-        # [b, h, s, d] -> [s, b, h * d]
-        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
+        # [b, h, s, d] -> [s, b, h * d]: a view, no copy, when the backend keeps the query's [s, b, h, d]
+        # memory order (flex, SDPA/cuDNN and the reference do; tested)
+        return out.permute(2, 0, 1, 3).flatten(2)
 
 
 @functools.lru_cache(maxsize=None)

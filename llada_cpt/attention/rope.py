@@ -6,16 +6,39 @@ packed document, so the attention module applies RoPE itself (after QK-norm).
 Convention: "rotate half" with ``inv_freq = base^(-2i/d)`` and ``cos``/``sin``
 concatenated twice, as in Hugging Face Llama/Qwen, so converted checkpoints
 need no permutation of the q/k projections.
+
+Every layer of a step rotates by the same positions, so :func:`rotary_tables`
+computes ``cos``/``sin`` once per layout (through a per-layout cache, in the
+activation dtype) and :func:`rotate_qk` applies them to q and k in one
+compiled kernel each on CUDA (``LLADA_ROPE_COMPILE=0`` turns that off), eagerly
+elsewhere.  The compiled kernel computes in float32 and rounds once, so on
+CUDA it differs from the eager bf16 chain by rounding only.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["Llama3RopeScaling", "inverse_frequencies", "rotary_cos_sin", "rotate_half", "apply_rotary"]
+from ..diffusion.layout import AttentionLayout
+from ..kernels.layout_cache import LayoutCache
+
+__all__ = [
+    "Llama3RopeScaling",
+    "inverse_frequencies",
+    "rotary_cos_sin",
+    "rotate_half",
+    "apply_rotary",
+    "ROTARY_CACHE",
+    "rotary_tables",
+    "rotate_qk",
+]
+
+ROTARY_CACHE = LayoutCache()
 
 
 @dataclass(frozen=True)
@@ -74,3 +97,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos = cos.to(x.dtype)
     sin = sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+def rotary_tables(layout: AttentionLayout, local: bool, head_dim: int, base: float,
+                  scaling: Optional[Llama3RopeScaling], device: torch.device,
+                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` ``[s, b, 1, d]`` in ``dtype`` of the layout's (local or all) positions.
+
+    Built once per layout and reused by every layer (and by activation
+    recomputation); the values equal :func:`rotary_cos_sin` cast as in
+    :func:`apply_rotary`.
+    """
+    def build():
+        cos, sin = rotary_cos_sin(layout.position_ids(local=local).to(device), head_dim, base, scaling)
+        return cos.to(dtype), sin.to(dtype)
+
+    key = ("rope", bool(local), int(head_dim), float(base), scaling, str(device), dtype)
+    return ROTARY_CACHE.get(layout, key, build)
+
+
+def _rotate_pair(query: torch.Tensor, key: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor,
+                 k_cos: torch.Tensor, k_sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return apply_rotary(query, q_cos, q_sin), apply_rotary(key, k_cos, k_sin)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rotate_pair():
+    return torch.compile(_rotate_pair)
+
+
+def _use_compile(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("LLADA_ROPE_COMPILE", "1") != "0"
+
+
+def rotate_qk(query: torch.Tensor, key: torch.Tensor, q_tables: Tuple[torch.Tensor, torch.Tensor],
+              k_tables: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary` of ``query`` and ``key`` (``[s, b, heads, d]``): compiled on CUDA, eager elsewhere."""
+    fn = _compiled_rotate_pair() if _use_compile(query.device) else _rotate_pair
+    return fn(query, key, *q_tables, *k_tables)
