@@ -34,6 +34,12 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     attention_backend: str = "reference"  # reference | flex | cudnn | te | auto
+    # layer modules: local (Megatron-Core's torch modules) | transformer_engine (TE: fused norm+linear,
+    # grouped GEMM; NGC image) | auto (TE where importable and on GPU)
+    transformer_impl: str = "auto"
+    # LM head + cross entropy: chunked (over tokens, no materialised logits) | megatron (logits, then
+    # Megatron's cross entropy) | auto (chunked on GPU without sequence parallelism)
+    fused_cross_entropy: str = "auto"
     recompute_granularity: Optional[str] = None  # None | full (every layer) | selective (core attention)
     # MoE (Megatron-Core MoE layer); num_experts None = dense
     num_experts: Optional[int] = None

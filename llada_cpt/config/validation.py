@@ -7,6 +7,8 @@ from ..errors import ConfigError
 from .schema import Config
 
 BACKENDS = ("reference", "flex", "cudnn", "te", "auto")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+CROSS_ENTROPY_IMPLS = ("auto", "chunked", "megatron")  # model.fused_cross_entropy
 LR_STYLES = ("constant", "linear", "cosine", "WSD")
 DPO_REFERENCES = ("model", "precomputed")
 
@@ -108,6 +110,12 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
                        "parallel.expert_model_parallel_size and keep tensor_model_parallel_size=1")
     if m.attention_backend not in BACKENDS:
         out.append(f"model.attention_backend `{m.attention_backend}` is not one of {', '.join(BACKENDS)}")
+    for name, choices in (("transformer_impl", TRANSFORMER_IMPLS), ("fused_cross_entropy", CROSS_ENTROPY_IMPLS)):
+        if getattr(m, name) not in choices:
+            out.append(f"model.{name} `{getattr(m, name)}` is not one of {', '.join(choices)}")
+    if m.fused_cross_entropy == "chunked" and p.sequence_parallel:
+        out.append("model.fused_cross_entropy=chunked does not support parallel.sequence_parallel "
+                   "(the head's input is split along the sequence); set it to auto or megatron")
     if p.sequence_parallel and tp == 1:
         out.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     L = data.seq_length

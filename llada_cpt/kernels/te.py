@@ -27,7 +27,7 @@ from llada_cpt.errors import ConfigError
 
 from .bias import bias_for, masked_out_for
 
-__all__ = ["NAME", "MODES", "unavailable_reason", "make_te_backend", "te_attention_backend"]
+__all__ = ["NAME", "MODES", "unavailable_reason", "make_te_backend", "te_attention_backend", "import_error"]
 
 NAME = "te"
 MODES = ("bias", "arbitrary")
@@ -40,6 +40,11 @@ def _import_error() -> Optional[str]:
     except Exception as exc:  # ImportError, or OSError/RuntimeError from a broken CUDA install
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def import_error() -> Optional[str]:
+    """Why ``transformer_engine.pytorch`` cannot be imported here (None when it can); cached."""
+    return _import_error()
 
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:

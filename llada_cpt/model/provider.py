@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..attention.rope import Llama3RopeScaling
 from ..config.schema import ModelConfig, ParallelConfig
 from ..errors import ConfigError
+from ..kernels.linear_cross_entropy import use_fused_cross_entropy
 from .spec import decoder_block_spec, use_transformer_engine
 
 __all__ = ["resolve_dtype", "padded_vocab_size", "transformer_config", "build_model", "moe_layer_pattern"]
@@ -78,7 +79,7 @@ def _check(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> None:
         )
     if m.normalization not in ("RMSNorm", "LayerNorm"):
         raise ConfigError(f"model.normalization `{m.normalization}` is not one of RMSNorm, LayerNorm")
-    if p.sequence_parallel and not use_transformer_engine():
+    if p.sequence_parallel and not use_transformer_engine(m.transformer_impl):
         raise ConfigError(
             "parallel.sequence_parallel needs Transformer Engine on GPU (the torch norms of the "
             "local layer spec do not support it); set parallel.sequence_parallel=false"
@@ -115,7 +116,7 @@ def transformer_config(
     m, p = model_cfg, parallel_cfg
     dtype = resolve_dtype(precision)
     swiglu = m.activation == "swiglu"
-    te = use_transformer_engine()
+    te = use_transformer_engine(m.transformer_impl)
     on_gpu = torch.cuda.is_available()
     moe = {}
     if m.num_experts:
@@ -213,7 +214,7 @@ def build_model(
             config=config,
             transformer_layer_spec=decoder_block_spec(
                 config, model_cfg.attention_backend, model_cfg.rotary_base, vp_stage=vp_stage,
-                rotary_scaling=rope_scaling(model_cfg),
+                rotary_scaling=rope_scaling(model_cfg), transformer_impl=model_cfg.transformer_impl,
             ),
             vocab_size=padded,
             max_sequence_length=model_cfg.max_position_embeddings,
@@ -224,6 +225,9 @@ def build_model(
             vp_stage=vp_stage,
         )
         _place_like_megatron(model, config.params_dtype)
+        # read by training/step.py: LM head + CE without materialised logits (kernels/linear_cross_entropy.py)
+        model.fused_cross_entropy = use_fused_cross_entropy(
+            model_cfg.fused_cross_entropy, parallel_cfg.sequence_parallel, torch.cuda.is_available())
         chunks.append(model)
     return chunks
 

@@ -2,9 +2,10 @@
 
 We start from ``get_gpt_decoder_block_spec`` (dense and MoE layers, the
 ``moe_layer_freq`` pattern, pipeline slicing) and replace only ``core_attention``.
-The Transformer Engine flavour is used when TE is importable *and* CUDA is
-available (fused norm+linear, grouped GEMM); otherwise the pure Megatron-Core
-"local" modules, which need neither TE nor apex and run on CPU.
+``model.transformer_impl`` picks the layer modules: ``transformer_engine`` (fused
+norm+linear, grouped GEMM; TE ships in the NGC image only), ``local`` (Megatron-Core's
+torch modules: need neither TE nor apex, run on CPU) or ``auto`` (TE when importable
+*and* CUDA is available, else local).
 """
 from __future__ import annotations
 
@@ -17,18 +18,32 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..attention.core import block_diffusion_attention_class
+from ..errors import ConfigError
+from ..kernels.te import import_error as te_import_error
 
 __all__ = ["use_transformer_engine", "decoder_block_spec"]
 
 
-def use_transformer_engine() -> bool:
-    """TE layer specs only where TE can run (it is absent from CPU installs)."""
+def use_transformer_engine(setting: str = "auto") -> bool:
+    """Whether the layers use TE modules for ``model.transformer_impl=setting``.
+
+    ``auto``: only where TE can run (importable and CUDA present; absent from CPU installs).
+    ``transformer_engine`` without an importable TE or without CUDA is a :class:`ConfigError`.
+    """
+    if setting == "local":
+        return False
+    if setting == "auto":
+        return torch.cuda.is_available() and te_import_error() is None
+    if setting != "transformer_engine":
+        raise ConfigError(f"model.transformer_impl `{setting}` is not one of auto, local, transformer_engine")
+    reason = te_import_error()
+    if reason is not None:
+        raise ConfigError(
+            f"model.transformer_impl=transformer_engine but Transformer Engine is not importable ({reason}); "
+            "run in the NGC PyTorch image (Dockerfile) or set model.transformer_impl=local (or auto)")
     if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
+        raise ConfigError("model.transformer_impl=transformer_engine needs a CUDA device; "
+                          "set model.transformer_impl=local (or auto) on CPU")
     return True
 
 
@@ -38,10 +53,12 @@ def decoder_block_spec(
     rotary_base: float = 10000.0,
     vp_stage: Optional[int] = None,
     rotary_scaling=None,
+    transformer_impl: str = "auto",
 ) -> TransformerBlockSubmodules:
     """Specs of the layers built on this pipeline stage, each with our core attention."""
     block = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_transformer_engine(), normalization=config.normalization, vp_stage=vp_stage
+        config, use_transformer_engine=use_transformer_engine(transformer_impl), normalization=config.normalization,
+        vp_stage=vp_stage,
     )
     attention = block_diffusion_attention_class(attention_backend, rotary_base, rotary_scaling)
     layers = []

@@ -33,6 +33,7 @@ from megatron.core.utils import get_model_config
 
 from ..diffusion.inputs import DiffusionBatch, noised_half
 from ..diffusion.loss import normalised_loss, weighted_loss_terms
+from ..kernels.linear_cross_entropy import linear_cross_entropy
 from ..parallel.cp_batch import split_batch
 from .distributed import device as current_device
 from .distributed import unwrap
@@ -152,6 +153,43 @@ def _noised_half_head(model: torch.nn.Module, enabled: bool):
         handle.remove()
 
 
+@contextlib.contextmanager
+def _fused_head(model: torch.nn.Module, enabled: bool):
+    """For one forward, compute the per-token CE from the head's input without materialised logits.
+
+    Why: ``[S, b, V/tp]`` logits plus their fp32 copy in Megatron's cross entropy are the
+    largest activations of the step (152k vocabulary).  The output layer returns its input
+    (after any pre-hook, e.g. :func:`_noised_half_head`) and keeps the weight it was given
+    (the embedding's when tied); the model's ``compute_language_model_loss`` then runs
+    :func:`~llada_cpt.kernels.linear_cross_entropy.linear_cross_entropy` (vocab-parallel,
+    chunked over tokens).  Same ``[b, S]`` per-token loss, same gradients.  Only with labels
+    (a :class:`StepLoss` with ``logits=True`` needs the logits) and without sequence
+    parallelism (``model.fused_cross_entropy``).
+    """
+    module = unwrap(model)
+    head = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
+    if not enabled or head is None:
+        yield
+        return
+    tp_group = getattr(getattr(module, "pg_collection", None), "tp", None) \
+        or parallel_state.get_tensor_model_parallel_group()
+    weights: List[torch.Tensor] = []
+
+    def hidden_as_logits(input_, weight=None, runtime_gather_output=None):
+        weights.append(head.weight if weight is None else weight)
+        return input_, None
+
+    def loss_from_hidden(labels, hidden):  # labels [b, S], hidden [S, b, h]
+        return linear_cross_entropy(hidden, weights.pop(), labels.t(), tp_group).t().contiguous()
+
+    head.forward = hidden_as_logits
+    module.compute_language_model_loss = loss_from_hidden
+    try:
+        yield
+    finally:
+        del head.forward, module.compute_language_model_loss
+
+
 def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
     # context parallelism: every CP rank holds the full micro-batch and keeps its positions
     batch = split_batch(next(data_iterator), parallel_state.get_context_parallel_world_size(),
@@ -159,7 +197,8 @@ def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
     batch = batch_to_device(batch, device)
     half = batch.layout.num_copies == 2 and head_on_noised_half(get_model_config(model))
     view = noised_half(batch) if half else batch  # what the head's output lines up with
-    with _noised_half_head(model, half):
+    fused = not loss.logits and getattr(unwrap(model), "fused_cross_entropy", False)
+    with _noised_half_head(model, half), _fused_head(model, fused):
         output = model(
             batch.input_ids,
             batch.layout.position_ids(local=True),
