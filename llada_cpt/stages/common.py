@@ -4,6 +4,8 @@
   config it was trained with: its tokenizer, trained block size (the WSD phase
   in force at its consumed tokens), final learning rate and model architecture
   are the defaults / checks of the next stage.
+* :func:`resolve_post_training`: what a stage takes from that checkpoint, written
+  into the config *before* it is validated (and so saved as validated).
 * :func:`resolve_tokenizer`, :func:`resolve_block_size`, :func:`data_paths`.
 * :class:`PackedSplit`: packed JSONL sequences split into train / validation,
   the epoch order of the training sequences and the rows of every micro-batch.
@@ -27,7 +29,8 @@ from ..config.schema import Config, ModelConfig, PostTrainDataConfig
 from ..errors import ConfigError, DataError
 from ..training.loop import Run, StepData
 
-__all__ = ["say", "InitCheckpoint", "init_or_none", "resolve_tokenizer", "resolve_block_size", "data_paths",
+__all__ = ["say", "InitCheckpoint", "init_or_none", "Resolved", "resolve_post_training", "resolve_tokenizer",
+           "resolve_block_size", "data_paths",
            "bundled_path", "PackedSplit", "collate_rows", "print_stats"]
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
@@ -156,6 +159,25 @@ def resolve_block_size(stage: str, cfg: Config, init: Optional[InitCheckpoint]) 
                               f"data.seq_length={L}; set {stage}.block_size to a divisor of {L}")
         return block, f"the trained block size of {init.path}"
     return min(cfg.diffusion.block_schedule[-1][0], L), "diffusion.block_schedule"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The init checkpoint of a post-training stage and the one block size of its run."""
+
+    init: Optional[InitCheckpoint]
+    block: int
+    block_source: str
+
+
+def resolve_post_training(stage: str, cfg: Config) -> Resolved:
+    """Write the values a post-training stage takes from ``train.init_from`` into ``cfg``: one block size
+    for the whole run (``diffusion.block_schedule = [[B, 1]]``).  Called before the config is validated,
+    so the validated, printed (``--dry-run``) and saved config is the one the run uses; idempotent."""
+    init = init_or_none(cfg)
+    block, source = resolve_block_size(stage, cfg, init)
+    cfg.diffusion.block_schedule = [[block, 1]]
+    return Resolved(init, block, source)
 
 
 def bundled_path(name: str) -> str:

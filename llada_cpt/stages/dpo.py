@@ -57,8 +57,8 @@ from ..errors import ConfigError
 from ..training.distributed import device as current_device
 from ..training.loop import Run, StepData
 from ..training.step import StepLoss, StepResult, forward_backward
-from .common import (InitCheckpoint, PackedSplit, collate_rows, data_paths, init_or_none, print_stats,
-                     resolve_block_size, resolve_tokenizer, say)
+from .common import (InitCheckpoint, PackedSplit, collate_rows, data_paths, print_stats, resolve_post_training,
+                     resolve_tokenizer, say)
 from .cpt import noise_config, sample_seed
 
 __all__ = ["PairBatch", "DPOStage", "dpo_step_loss", "REFERENCE_ELBO", "build_reference", "main"]
@@ -195,7 +195,8 @@ class DPOStage:
         self.reference: Optional[list] = None  # model chunks (dpo.reference=model)
         self.ref_cache: Optional[torch.Tensor] = None  # [train + valid pairs, 2] (dpo.reference=precomputed)
         self.pad_id = 0
-        self.block = 0
+        self.block = 0  # set by resolve_config, with where it and the learning rate came from
+        self.block_source = self.lr_source = ""
 
     @property
     def precomputed(self) -> bool:
@@ -212,16 +213,21 @@ class DPOStage:
                 return lr, f"the final rate of the SFT checkpoint {self.init.path}"
         return cfg.train.lr, "train.lr"
 
+    def resolve_config(self, cfg: Config) -> None:
+        """Before validation: the block size and (from an SFT checkpoint) the learning rate of ``train.init_from``."""
+        resolved = resolve_post_training("dpo", cfg)
+        self.init, self.block, self.block_source = resolved.init, resolved.block, resolved.block_source
+        lr, self.lr_source = self._learning_rate(cfg)
+        cfg.train.lr, cfg.train.min_lr = lr, min(cfg.train.min_lr, lr)
+
     def prepare(self, cfg: Config) -> tuple[int, int]:
-        self.init = init_or_none(cfg)
+        if not self.block:
+            self.resolve_config(cfg)
+        source, lr, lr_source = self.block_source, cfg.train.lr, self.lr_source
         tok = resolve_tokenizer(cfg, self.init)
-        self.block, source = resolve_block_size("dpo", cfg, self.init)
-        cfg.diffusion.block_schedule = [[self.block, 1]]
         if self.precomputed and cfg.diffusion.reference_block_size not in (None, self.block):
             raise ConfigError("dpo.reference=precomputed caches the reference ELBOs at the training block size "
                               f"{self.block}; unset diffusion.reference_block_size or use dpo.reference=model")
-        lr, lr_source = self._learning_rate(cfg)
-        cfg.train.lr, cfg.train.min_lr = lr, min(cfg.train.min_lr, lr)
         d = cfg.dpo
         data_cfg = SFTDataConfig(cfg.data.seq_length, self.block, d.chat_template, d.overlong, d.pad_loss)
         paths = data_paths(d, cfg, "dpo", "dpo_demo.jsonl")

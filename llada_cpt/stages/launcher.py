@@ -194,6 +194,9 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
 def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, make_stage: Callable[[Config], object]) -> int:
     argv = list(argv or [])
     args, cfg = parse(argv, stage_name, command)
+    stage = make_stage(cfg) if hasattr(make_stage, "resolve_config") else None
+    if stage is not None:  # values from train.init_from: validated, printed (--dry-run) and saved resolved
+        stage.resolve_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "0")) or None
     if args.dry_run:
         validate(cfg, world_size=world or args.nproc)
@@ -207,7 +210,7 @@ def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, mak
     from ..training.distributed import destroy
     from ..training.loop import train
 
-    result = train(cfg, make_stage(cfg))
+    result = train(cfg, stage or make_stage(cfg))
     destroy()  # exiting with live gloo threads can abort ("terminate called without an active exception")
     return EXIT_REQUEUE if result.get("stopped") else 0
 

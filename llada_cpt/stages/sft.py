@@ -46,7 +46,7 @@ from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.loss import weighted_loss_terms
 from ..training.loop import Run, StepData
 from ..training.step import ELBO_LOSS, StepLoss, StepResult, forward_backward
-from .common import (PackedSplit, collate_rows, data_paths, init_or_none, print_stats, resolve_block_size,
+from .common import (PackedSplit, Resolved, collate_rows, data_paths, print_stats, resolve_post_training,
                      resolve_tokenizer, say)
 from .cpt import make_batch
 
@@ -123,12 +123,17 @@ class SFTStage:
         self.position = 0  # global sample position of the next step
         self.split: Optional[PackedSplit] = None
         self.pad_id = 0
+        self.resolved: Optional[Resolved] = None
+
+    def resolve_config(self, cfg: Config) -> None:
+        """Before validation: one block size for the whole run, from ``train.init_from`` if not given."""
+        self.resolved = resolve_post_training("sft", cfg)
 
     def prepare(self, cfg: Config) -> tuple[int, int]:
-        init = init_or_none(cfg)
+        if self.resolved is None:
+            self.resolve_config(cfg)
+        init, block, source = self.resolved.init, self.resolved.block, self.resolved.block_source
         tok = resolve_tokenizer(cfg, init)
-        block, source = resolve_block_size("sft", cfg, init)
-        cfg.diffusion.block_schedule = [[block, 1]]  # one block size for the whole run (saved with it)
         s = cfg.sft
         data_cfg = SFTDataConfig(cfg.data.seq_length, block, s.chat_template, s.overlong, s.pad_loss)
         paths = data_paths(s, cfg, "sft", "sft_demo.jsonl")

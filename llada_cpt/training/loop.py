@@ -42,6 +42,9 @@ class Stage(Protocol):
 
     name: str
 
+    # Optional: ``resolve_config(cfg)`` writes the values a stage takes from ``train.init_from`` (SFT / DPO:
+    # block size, DPO: learning rate) into ``cfg`` before it is validated; ``prepare`` must not change ``cfg``.
+
     def prepare(self, cfg: Config) -> tuple[int, int]:
         """Load tokenizer / data; return ``(vocab_size, mask_id)``."""
 
@@ -94,6 +97,9 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     from .optimizer import build_optimizer, build_scheduler
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve = getattr(stage, "resolve_config", None)
+    if resolve is not None:  # values from train.init_from enter the config before it is validated (and saved)
+        resolve(cfg)
     validate(cfg, world_size=world)
     initialize(cfg.parallel, seed=cfg.train.seed)
     vocab_size, mask_id = stage.prepare(cfg)
