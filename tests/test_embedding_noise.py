@@ -138,3 +138,45 @@ def test_row_seeded_noise_is_independent_of_batch_split_and_cp_slice():
     assert torch.equal(layout_noise(local, 5, 6, torch.device("cpu"))[:, 0], expect)
     # another step draws other noise
     assert not torch.equal(layout_noise(alone, 6, 6, torch.device("cpu")), layout_noise(alone, 5, 6, torch.device("cpu")))
+
+
+def _noise_free_eval_and_sampling(rank: int, world: int) -> dict:
+    """A real SFT run at step 0 with strong masked-embedding noise: the training forward is noised, the
+    validation loss and the sampler's tokens and log-probs are those of the noise-free model."""
+    from stage_runs import small_config
+
+    from llada_cpt.inference.sampler import SamplerConfig, generate
+    from llada_cpt.stages.common import resolve_tokenizer
+    from llada_cpt.stages.sft import SFTStage
+    from llada_cpt.training.loop import build_run, evaluate
+
+    cfg = small_config("sft", "diffusion.embedding_noise_steps=10", "diffusion.embedding_noise_std=1.0")
+    stage = SFTStage(cfg)
+    run = build_run(cfg, stage)
+    run.embedding_noise.set_step(run.iteration)  # what the loop does before a step
+    batches = stage.step_data(run, 32).micro_batches
+    sampler = SamplerConfig(block_size=32, threshold=0.9, max_new_tokens=16, temperature=0.0, mask_id=run.mask_id,
+                            eos_id=resolve_tokenizer(cfg, None).eod_id, vocab_size=run.vocab_size,
+                            context_length=cfg.data.seq_length)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+
+    def measure():
+        train = stage.forward_backward(run, batches, forward_only=True).loss  # a training-mode forward
+        val = evaluate(run, stage, 32)["loss"]
+        out = generate(run.model_chunks, prompts, sampler)
+        return train, val, [r.completion_ids for r in out], [r.token_logprobs for r in out]
+
+    noised = measure()
+    run.embedding_noise.detach()
+    clean = measure()
+    return {"noised": noised, "clean": clean}
+
+
+def test_no_embedding_noise_in_validation_or_sampling_forwards():
+    from dist import run_distributed
+
+    (res,) = run_distributed(_noise_free_eval_and_sampling, 1, timeout=400)
+    (train_n, val_n, ids_n, logp_n), (train_c, val_c, ids_c, logp_c) = res["noised"], res["clean"]
+    assert abs(train_n - train_c) > 1e-3  # the noise is live at this step
+    assert val_n == val_c
+    assert ids_n == ids_c and logp_n == logp_c

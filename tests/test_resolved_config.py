@@ -90,3 +90,11 @@ def test_values_from_init_from_are_resolved_before_validation_and_printed(tmp_pa
     printed = _dry_run(capsys, "dpo", DPOStage, f"train.init_from={sft}", "train.lr=5e-3", "train.min_lr=1e-5")
     assert printed["train"]["lr"] == pytest.approx(want) and printed["train"]["min_lr"] == 1e-5
     assert printed["diffusion"]["block_schedule"] == [[16, 1]]
+
+
+def test_rl_refuses_masked_embedding_noise():
+    cfg = load_config(None, ["data.demo=true", "diffusion.embedding_noise_steps=10", "diffusion.embedding_noise_std=0.1"])
+    cfg.stage = "rl"
+    cfg.diffusion.block_schedule = [[cfg.rl.block_size, 1]]
+    with pytest.raises(ConfigError, match="diffusion.embedding_noise_steps=0"):
+        validate(cfg)

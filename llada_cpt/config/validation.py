@@ -52,7 +52,7 @@ def _post_training_problems(cfg: Config) -> list[str]:
 
 
 def _rl_problems(cfg: Config) -> list[str]:
-    """Names in the ``rl`` section: one set of chat-template names for every stage and tool."""
+    """Checks of the ``rl`` section: one set of chat-template names for every stage and tool, dynamic sampling."""
     from ..data.chat import TEMPLATES
     from ..rl.dynamic_sampling import CRITERIA
 
@@ -63,6 +63,10 @@ def _rl_problems(cfg: Config) -> list[str]:
     if r.dynamic_sampling not in modes:
         out.append(f"rl.dynamic_sampling `{r.dynamic_sampling}` is not one of {', '.join(modes)} (accuracy: drop "
                    "groups whose accuracy is 0 or 1, DAPO; reward_std: drop groups whose rewards are all equal)")
+    d = cfg.diffusion
+    if d.embedding_noise_steps > 0 and d.embedding_noise_std > 0:
+        out.append("RL trains on the exact contexts the sampler saw (PPO ratios against its log-probs): set "
+                   "diffusion.embedding_noise_steps=0 (masked-embedding noise is for CPT and SFT)")
     return out
 
 
