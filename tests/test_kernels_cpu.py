@@ -28,7 +28,7 @@ flex = pytest.importorskip("llada_cpt.kernels.flex")
 if flex.flex_attention is None:
     pytest.skip("this torch has no FlexAttention", allow_module_level=True)
 
-from torch.nn.attention.flex_attention import create_mask  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, create_mask  # noqa: E402
 
 from llada_cpt.kernels import bias as kbias  # noqa: E402
 from llada_cpt.kernels import cudnn as kcudnn  # noqa: E402
@@ -127,6 +127,130 @@ def test_block_mask_tiles_match_dense_mask(name, layout):
     nonempty, full_fraction = tile_occupancy(layout, tile=tile)
     assert nonempty == pytest.approx(float(want_any.float().mean()))
     assert full_fraction == pytest.approx(float(want_all.float().mean()))
+
+
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@pytest.mark.parametrize("tile", [8, (8, 4), 5], ids=["8x8", "8x4", "5x5-edge-tiles"])
+@pytest.mark.parametrize("name,layout", LAYOUTS, ids=IDS)
+def test_closed_form_block_mask_equals_create_block_mask(name, layout, tile):
+    """Counted in closed form (no dense mask, no argsort) = torch's ``create_block_mask``, tensor for tensor.
+
+    Covers BDLM B = 1/4/L, MDLM, causal, CP local queries, non-square tiles and
+    tiles cut by the sequence end (never full).
+    """
+    sq, sk = layout.global_index(True).numel(), layout.global_index(False).numel()
+    mask_mod = flex.bdlm_mask_mod(layout, torch.device("cpu"))
+    pair = (tile, tile) if isinstance(tile, int) else tile
+    want = create_block_mask(mask_mod, layout.doc_ids.shape[0], None, sq, sk, device="cpu", BLOCK_SIZE=pair)
+    got = flex.build_block_mask(layout, torch.device("cpu"), tile=tile)
+    assert got.BLOCK_SIZE == want.BLOCK_SIZE and got.seq_lengths == want.seq_lengths == (sq, sk)
+    for field in BLOCK_MASK_FIELDS:
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert got.mask_mod is not None
+
+
+def test_ordered_blocks_is_the_stable_descending_argsort():
+    from llada_cpt.kernels.block_mask import ordered_blocks
+
+    flags = torch.rand(3, 17, 23, generator=torch.Generator().manual_seed(0)) < 0.3
+    num, idx = ordered_blocks(flags)
+    assert torch.equal(num[:, 0], flags.sum(-1).int())
+    assert torch.equal(idx[:, 0], torch.argsort(flags.int(), dim=-1, descending=True, stable=True).int())
+
+
+def _reference_tiles(layout: AttentionLayout, tile: int = 128, rows: int = 512):
+    """``(non-empty, full)`` ``[nq, nk]`` of ``layout.dense_mask()`` (batch 1), a few query tiles at a time."""
+    q_index, k_index = layout.global_index(True), layout.global_index(False)
+    nk = k_index.numel() // tile
+    anyt, allt = [], []
+    for start in range(0, q_index.numel(), rows):
+        allowed = layout.allowed(q_index[start:start + rows], k_index)[0]
+        counts = allowed.view(-1, tile, nk, tile).sum(dim=(1, 3))
+        anyt.append(counts > 0)
+        allt.append(counts == tile * tile)
+    return torch.cat(anyt), torch.cat(allt)
+
+
+@pytest.mark.parametrize("block", ["1", "32", "2048", "MDLM"])
+def test_block_mask_at_8192_densifies_to_the_reference_mask(block):
+    """L = 8192 (2L = 16384 rows), packed documents: the BlockMask built in milliseconds equals the
+    binding mask tile for tile (non-empty and full tiles), and densifies (full tiles, partial tiles
+    through the mask_mod) to exactly the reference mask."""
+    from llada_cpt.parallel.work import random_document_ids
+
+    length = 8192
+    doc = random_document_ids(length, torch.Generator().manual_seed(8192), min_len=16, max_len=3000)[None]
+    assert doc.max() > 2  # several documents, starts not aligned to the blocks
+    mdlm = block == "MDLM"
+    layout = AttentionLayout(doc_ids=doc, block_size=length if mdlm else int(block), mdlm=mdlm)
+    flex.BLOCK_MASK_CACHE.clear()
+    bm = flex.block_mask_for(layout, torch.device("cpu"))
+    sq = layout.global_index(True).numel()
+    nk = sq // 128
+    want_any, want_all = _reference_tiles(layout)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), want_any)
+    full = _blocks(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[0]
+    assert torch.equal(full, want_all)
+    assert 0 < int(want_any.sum()) < want_any.numel()
+    # densified at full resolution for a band of query tiles across both halves
+    mask_mod = bm.mask_mod
+    for qt in (0, nk // 4 + 1, nk // 2 - 1, nk // 2, nk - 1):
+        rows = torch.arange(qt * 128, (qt + 1) * 128).view(-1, 1)
+        keys = torch.arange(sq).view(1, -1)
+        tile_any = want_any[qt].repeat_interleave(128).view(1, -1)
+        tile_full = full[qt].repeat_interleave(128).view(1, -1)
+        dense = tile_full | (tile_any & mask_mod(torch.tensor(0), torch.tensor(0), rows, keys))
+        assert torch.equal(dense, layout.allowed(layout.global_index(True)[rows[:, 0]], layout.global_index(False))[0])
+
+
+def test_flex_options_from_environment(monkeypatch):
+    """The benchmark knobs: tile shapes, the mask builder, the compile mode; bad values name the fix."""
+    for key in ("LLADA_FLEX_TILE", "LLADA_FLEX_BLOCK_MASK", "LLADA_FLEX_COMPILE_MODE", "LLADA_FLEX_KERNEL_BACKEND"):
+        monkeypatch.delenv(key, raising=False)
+    assert flex.FlexOptions.from_env() == flex.FlexOptions()
+    assert flex.FlexOptions().tile == (128, 128) and flex.FlexOptions().kernel_options() is None
+    monkeypatch.setenv("LLADA_FLEX_TILE", "128x64")
+    monkeypatch.setenv("LLADA_FLEX_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    monkeypatch.setenv("LLADA_FLEX_BLOCK_MASK", "create_block_mask")
+    options = flex.FlexOptions.from_env()
+    assert options.tile == (128, 64) and options.compile_mode == "max-autotune-no-cudagraphs"
+    assert options.block_mask == "create_block_mask"
+    monkeypatch.setenv("LLADA_FLEX_TILE", "64")
+    assert flex.FlexOptions.from_env().tile == (64, 64)
+    for bad, needle in (("big", "128x64"), ("100x64", "multiples of 16"), ("0", "128x64")):
+        monkeypatch.setenv("LLADA_FLEX_TILE", bad)
+        with pytest.raises(ConfigError, match=needle):
+            flex.FlexOptions.from_env()
+    monkeypatch.delenv("LLADA_FLEX_TILE")
+    monkeypatch.setenv("LLADA_FLEX_BLOCK_MASK", "argsort")
+    with pytest.raises(ConfigError, match="closed_form"):
+        flex.FlexOptions.from_env()
+    monkeypatch.delenv("LLADA_FLEX_BLOCK_MASK")
+    monkeypatch.setenv("LLADA_FLEX_KERNEL_BACKEND", "cutlass")
+    with pytest.raises(ConfigError, match="FLASH"):
+        flex.FlexOptions.from_env()
+    monkeypatch.setenv("LLADA_FLEX_KERNEL_BACKEND", "flash")
+    options = flex.FlexOptions.from_env()
+    assert options.kernel_backend == "FLASH"
+    if flex.flash_backend_unavailable_reason() is not None:  # no FlashAttention-4 here: one clear error
+        with pytest.raises(ConfigError, match="LLADA_FLEX_KERNEL_BACKEND"):
+            options.kernel_options()
+
+
+def test_flex_forward_with_non_square_tiles_and_builders(monkeypatch):
+    """The flex backend honours LLADA_FLEX_TILE / LLADA_FLEX_BLOCK_MASK (cached per tile and builder)."""
+    layout = AttentionLayout(doc_ids=_doc_ids(14, length=64), block_size=8)
+    q, k, v = _qkv(layout)
+    want = reference_attention(q, k, v, layout, 0.3)
+    flex.BLOCK_MASK_CACHE.clear()
+    for tile, builder in (("32x16", "closed_form"), ("32", "create_block_mask"), ("16x32", "closed_form")):
+        monkeypatch.setenv("LLADA_FLEX_TILE", tile)
+        monkeypatch.setenv("LLADA_FLEX_BLOCK_MASK", builder)
+        torch.testing.assert_close(flex.flex_attention_backend(q, k, v, layout, 0.3), want, rtol=1e-5, atol=1e-5)
+    assert flex.BLOCK_MASK_CACHE.misses == 3
 
 
 def test_tile_occupancy_of_unit_tiles_is_mask_density():
@@ -424,15 +548,83 @@ def test_bench_attention_smoke_writes_results(tmp_path):
 
     main = load_script("kernels/bench_attention.py").main
 
-    assert main(["--smoke", "--block-sizes", "8", "--docs", "packed", "--out", str(tmp_path)]) == 0
+    argv = ["--smoke", "--block-sizes", "8", "--docs", "packed", "--flex-variants", "32x16", "create_block_mask",
+            "--cp-size", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
     data = json.loads((tmp_path / "attention_smoke.json").read_text())
     status = {r["backend"]: (r["mode"], r["status"]) for r in data["results"]}
     assert status["unfused"] == status["reference"] == ("fwd+bwd", "ok")
-    assert status["flex"] == ("fwd", "ok")  # forward only on CPU
+    assert status["flex"] == status["flex[32x16]"] == status["flex[create_block_mask]"] == ("fwd", "ok")
+    assert status["flex cp2 rank 0"] == status["flex cp2 rank 1"] == ("fwd", "ok")  # issue 21's per-rank timing
     assert status["cudnn"][1].startswith("unavailable")
+    assert all(r["mask_build_ms"] is not None for r in data["results"] if r["backend"].startswith("flex["))
     assert data["environment"]["torch"] == torch.__version__
     assert 0 < data["cases"][0]["tile_fraction"] < 1
     assert "| flex | fwd |" in (tmp_path / "attention_smoke.md").read_text()
+
+
+def test_bench_attention_rejects_unknown_flex_variant(capsys):
+    main = load_script("kernels/bench_attention.py").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--smoke", "--flex-variants", "64x64+turbo"])
+    assert exit_.value.code == 2 and "turbo" in capsys.readouterr().err
+
+
+GPU_CHECKS = "kernels/gpu_checks.sh"
+
+
+def _gpu_check_steps() -> list[str]:
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / GPU_CHECKS)]).returncode == 0
+    out = subprocess.run(["bash", str(root / GPU_CHECKS), "/tmp/unused-gpu-checks-dir", "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return re.findall(r"^STEP (\S+) timeout (\d+): (.*)$", out.stdout, flags=re.M)
+
+
+def test_gpu_checks_script_structure():
+    """The prepared GPU script: valid bash, every step under its own `timeout` within an 8-minute budget,
+    results collected after every step, and the steps the issue asks for (its CPU dry run)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / GPU_CHECKS).read_text()
+    steps = _gpu_check_steps()
+    names = [name for name, _, _ in steps]
+    assert names[:3] == ["env", "install", "gpu-tests"]
+    for needed in ("attention", "train-step", "cli", "attention-16384", "mask-baseline", "autotune"):
+        assert needed in names
+    assert all(0 < int(limit) <= 150 for _, limit, _ in steps)
+    commands = {name: command for name, _, command in steps}
+    assert "pytest -m gpu" in commands["gpu-tests"]
+    assert "--seq-lengths 4096 8192" in commands["attention"] and "unfused flex cudnn" in commands["attention"]
+    assert "--cp-size 8" in commands["attention-16384"] and "--seq-lengths 16384" in commands["attention-16384"]
+    assert "--micro-batches 8" in commands["train-step"]
+    body = text[text.index("step() {"):text.index("install_wheels() {")]
+    assert 'timeout -k 10 "$limit" "$@"' in body  # each step wrapped in its own timeout ...
+    assert body.rstrip().endswith("collect\n}")  # ... and its results copied to the output folder after it
+    assert "BUDGET=${BUDGET:-480}" in text  # ... within ~8 minutes
+    assert "pip download --no-deps --python-version 3.12 --only-binary=:all:" in text  # the wheels recipe
+    assert "OUTDIR=${OUTDIR:-${OUT:-" in text
+
+
+def test_gpu_checks_script_runs_a_step_and_writes_partial_results(tmp_path):
+    """A real (CPU) run of the env step: summary, log and results archive land in the output folder."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(root / GPU_CHECKS), str(tmp_path), "--only", "env"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| env | 0 |" in summary
+    assert f"torch {torch.__version__}" in (tmp_path / "gpu_checks.log").read_text()
+    assert (tmp_path / "results.tar.gz").exists()
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
 
 
 def _train_step_smoke(rank: int, world_size: int, out_dir: str) -> dict:

@@ -145,3 +145,86 @@ def test_auto_picks_the_first_available_backend_of_the_order():
     expected = next(n for n in order if registry.unavailable_reason(n, DEVICE) is None)
     assert registry.auto_choice(DEVICE) == expected
     assert registry.resolve("auto", device=DEVICE) is registry.load(expected)
+
+
+# ----------------------------------------------------------------------------- closed-form BlockMask, tiles, RoPE
+
+
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@pytest.mark.parametrize("tile", [128, (128, 64)], ids=["128x128", "128x64"])
+@pytest.mark.parametrize("case,kw", CASES, ids=[c for c, _ in CASES])
+def test_closed_form_block_mask_equals_create_block_mask_on_cuda(case, kw, tile):
+    """On this torch (the GPU image's), tensor for tensor, incl. a CP rank's local queries."""
+    _backend("flex")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from llada_cpt.kernels import flex
+
+    layout = _layout(SEEDS[case], **kw)
+    for lay in (layout, layout.with_local_positions(zigzag_positions(L, 2, 1).to(DEVICE))):
+        sq, sk = lay.global_index(True).numel(), lay.global_index(False).numel()
+        mask_mod = flex.bdlm_mask_mod(lay, DEVICE)
+        pair = (tile, tile) if isinstance(tile, int) else tile
+        want = create_block_mask(mask_mod, lay.doc_ids.shape[0], None, sq, sk, device=DEVICE, BLOCK_SIZE=pair)
+        got = flex.build_block_mask(lay, DEVICE, tile=tile)
+        for field in BLOCK_MASK_FIELDS:
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_closed_form_block_mask_builds_in_milliseconds_at_8192():
+    """L = 8192 (2L = 16384 rows), packed documents: no compile, a few milliseconds (target <= 20 ms)."""
+    _backend("flex")
+    import time
+
+    from llada_cpt.kernels import flex
+    from llada_cpt.parallel.work import random_document_ids
+
+    doc = random_document_ids(8192, torch.Generator().manual_seed(0), 16, 3000)[None].to(DEVICE)
+    layout = AttentionLayout(doc_ids=doc, block_size=32)
+    flex.build_block_mask(layout, DEVICE)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        flex.build_block_mask(layout, DEVICE)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / 5 * 1e3
+    print(f"closed-form BlockMask at L = 8192, B = 32: {ms:.2f} ms")
+    assert ms < 100, f"{ms:.1f} ms"
+
+
+@pytest.mark.parametrize("tile", ["128x64", "64"])
+def test_flex_with_other_tiles_matches_reference(monkeypatch, tile):
+    fn = _backend("flex")
+    monkeypatch.setenv("LLADA_FLEX_TILE", tile)
+    _compare(fn, _layout(31, block_size=32), hq=8, hkv=2, seed=4)
+
+
+def test_compiled_rope_equals_eager():
+    """RoPE compiled on CUDA = the eager chain (fp32 exactly up to fma; bf16 within its rounding)."""
+    from llada_cpt.attention import rope
+
+    layout = _layout(41, block_size=32)
+    s, b = layout.global_index(True).numel(), layout.doc_ids.shape[0]
+    for dtype, tol in ((torch.float32, dict(rtol=1e-6, atol=1e-6)), (torch.bfloat16, {})):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        query = torch.randn(s, b, 8, HEAD_DIM, generator=g, device=DEVICE, dtype=dtype)
+        key = torch.randn(s, b, 2, HEAD_DIM, generator=g, device=DEVICE, dtype=dtype)
+        tables = rope.rotary_tables(layout, True, HEAD_DIM, 1e6, None, DEVICE, dtype)
+        got = rope.rotate_qk(query, key, tables, tables)
+        want = rope._rotate_pair(query, key, *tables, *tables)
+        for g_, w in zip(got, want):
+            torch.testing.assert_close(g_, w, **tol)
+
+
+def test_flex_output_keeps_the_query_memory_order():
+    """[s, b, h, d]-ordered queries give a flex output whose [s, b, h*d] form is a view (no copy in core.py)."""
+    fn = _backend("flex")
+    layout = _layout(51, block_size=32)
+    s, b = layout.global_index(True).numel(), layout.doc_ids.shape[0]
+    q, k, v = (torch.randn(s, b, h, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16).permute(1, 2, 0, 3)
+               for h in (8, 2, 2))
+    out = fn(q, k, v, layout, HEAD_DIM ** -0.5)
+    assert out.permute(2, 0, 1, 3).is_contiguous()

@@ -9,14 +9,26 @@ one mask_mod covers every layout.  Most tiles of the BDLM mask are empty (the
 x_0 -> x_t quadrant entirely, the upper triangles, other documents), and
 FlexAttention never touches them; fully allowed tiles skip the mask_mod.
 
-On CUDA both ``flex_attention`` and ``create_block_mask`` run compiled
-(``LLADA_FLEX_COMPILE=0`` turns that off for debugging).  On CPU the eager
-implementation runs (forward only: torch has no FlexAttention backward on CPU),
-which is what the CPU tests use.
+The ``BlockMask`` is counted in closed form from the layout
+(:mod:`llada_cpt.kernels.block_mask`: milliseconds at any L, nothing compiled).
+On CUDA ``flex_attention`` runs compiled (``LLADA_FLEX_COMPILE=0`` turns that off
+for debugging).  On CPU the eager implementation runs (forward only: torch has
+no FlexAttention backward on CPU), which is what the CPU tests use.
+
+Benchmark knobs (environment, read at every call so that one process can
+compare them; defaults unchanged until measured, see :class:`FlexOptions`):
+``LLADA_FLEX_TILE`` (``128`` or ``128x64``: query x key tile),
+``LLADA_FLEX_BLOCK_MASK`` (``closed_form`` or ``create_block_mask``: torch's
+builder, compiled on CUDA - the previous path), ``LLADA_FLEX_COMPILE_MODE``
+(a ``torch.compile`` mode such as ``max-autotune-no-cudagraphs``) and
+``LLADA_FLEX_KERNEL_BACKEND`` (``TRITON`` or ``FLASH``: FlexAttention's
+FlashAttention-4 backend, needs ``flash-attn-4`` and the CuTe DSL).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 import os
 import warnings
 from typing import Optional, Tuple
@@ -27,12 +39,15 @@ from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.diffusion.masks import bdlm_allowed
 from llada_cpt.errors import ConfigError
 
+from .block_mask import closed_form_block_mask
 from .layout_cache import LayoutCache
+from .tiles import ATTENTION_TILE, TileSize, tile_pair
 
 __all__ = [
     "NAME",
     "TILE",
     "BLOCK_MASK_CACHE",
+    "FlexOptions",
     "unavailable_reason",
     "position_tables",
     "bdlm_mask_mod",
@@ -42,13 +57,74 @@ __all__ = [
 ]
 
 NAME = "flex"
-TILE = 128  # BlockMask tile (query and key); FlexAttention's default sparse block
+TILE = ATTENTION_TILE  # BlockMask tile (query and key); FlexAttention's default sparse block
+BLOCK_MASK_BUILDERS = ("closed_form", "create_block_mask")
+KERNEL_BACKENDS = ("TRITON", "FLASH")
 BLOCK_MASK_CACHE = LayoutCache()
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - old torch
     BlockMask = create_block_mask = flex_attention = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexOptions:
+    """How the flex backend builds its mask and compiles its kernel (defaults: the measured best)."""
+
+    tile: Tuple[int, int] = (TILE, TILE)  # (query, key) BlockMask tile
+    block_mask: str = "closed_form"  # or "create_block_mask" (torch's builder: the previous path)
+    compile_mode: Optional[str] = None  # torch.compile mode of flex_attention on CUDA
+    kernel_backend: Optional[str] = None  # kernel_options BACKEND; None = torch's choice (Triton)
+
+    @classmethod
+    def from_env(cls) -> "FlexOptions":
+        """Options from ``LLADA_FLEX_*`` (module docstring); a bad value is a ConfigError naming the fix."""
+        env = os.environ
+        tile = env.get("LLADA_FLEX_TILE", "").strip()
+        try:
+            parts = [int(t) for t in tile.lower().split("x")] if tile else [TILE]
+            pair = tile_pair(parts[0] if len(parts) == 1 else tuple(parts))
+        except ValueError:
+            raise ConfigError(f"LLADA_FLEX_TILE={tile!r} is not a tile size; use e.g. 128 or 128x64") from None
+        if any(t % 16 for t in pair):
+            raise ConfigError(f"LLADA_FLEX_TILE={tile!r}: FlexAttention tiles must be multiples of 16 (e.g. 128x64)")
+        builder = env.get("LLADA_FLEX_BLOCK_MASK", "closed_form")
+        if builder not in BLOCK_MASK_BUILDERS:
+            raise ConfigError(f"LLADA_FLEX_BLOCK_MASK={builder!r}; use one of {', '.join(BLOCK_MASK_BUILDERS)}")
+        backend = env.get("LLADA_FLEX_KERNEL_BACKEND") or None
+        if backend is not None and backend.upper() not in KERNEL_BACKENDS:
+            raise ConfigError(f"LLADA_FLEX_KERNEL_BACKEND={backend!r}; use one of {', '.join(KERNEL_BACKENDS)} or unset it")
+        return cls(tile=pair, block_mask=builder, compile_mode=env.get("LLADA_FLEX_COMPILE_MODE") or None,
+                   kernel_backend=backend.upper() if backend else None)
+
+    def kernel_options(self) -> Optional[dict]:
+        """``kernel_options`` for ``flex_attention`` (None: torch's defaults)."""
+        if self.kernel_backend is None:
+            return None
+        if self.kernel_backend == "FLASH":
+            reason = flash_backend_unavailable_reason()
+            if reason is not None:
+                raise ConfigError(reason)
+        return {"BACKEND": self.kernel_backend}
+
+
+def flash_backend_unavailable_reason() -> Optional[str]:
+    """Why FlexAttention's FlashAttention-4 backend cannot run here, or None."""
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+    except ImportError:
+        FlexKernelOptions = None
+    if FlexKernelOptions is None or "BACKEND" not in getattr(FlexKernelOptions, "__annotations__", {}):
+        return f"torch {torch.__version__} has no FlexAttention BACKEND option; unset LLADA_FLEX_KERNEL_BACKEND"
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return ("LLADA_FLEX_KERNEL_BACKEND=FLASH needs FlashAttention-4 (pip install flash-attn-4, which brings "
+                "nvidia-cutlass-dsl); unset LLADA_FLEX_KERNEL_BACKEND to use the Triton kernels")
+    return None
 
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
@@ -64,8 +140,6 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
             "FlexAttention has no backward pass on CPU (forward only); "
             "use model.attention_backend=reference (or auto) on CPU"
         )
-    import importlib.util
-
     if importlib.util.find_spec("triton") is None:
         return "FlexAttention on CUDA compiles Triton kernels but triton is not installed; pip install triton"
     return None
@@ -112,25 +186,35 @@ def _use_compile(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+def _compiled(fn, mode: Optional[str] = None):
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
-def build_block_mask(layout: AttentionLayout, device: torch.device, tile: int = TILE) -> "BlockMask":
-    """The ``BlockMask`` of ``layout`` for ``[Sq local queries, Sk keys]``, broadcast over heads."""
+def build_block_mask(layout: AttentionLayout, device: torch.device, tile: TileSize = TILE,
+                     builder: str = "closed_form") -> "BlockMask":
+    """The ``BlockMask`` of ``layout`` for ``[Sq local queries, Sk keys]``, broadcast over heads.
+
+    ``closed_form`` counts the tiles from the layout (no mask, no compile);
+    ``create_block_mask`` is torch's builder (compiled on CUDA), kept to compare.
+    """
     if create_block_mask is None:
         raise ConfigError(unavailable_reason(device))
     device = torch.device(device)
+    mask_mod = bdlm_mask_mod(layout, device)
+    if builder == "closed_form":
+        return closed_form_block_mask(layout, device, mask_mod, tile)
     sq = layout.global_index(True).numel()
     sk = layout.global_index(False).numel()
     make = _compiled(create_block_mask) if _use_compile(device) else create_block_mask
-    return make(bdlm_mask_mod(layout, device), layout.doc_ids.shape[0], None, sq, sk, device=device, BLOCK_SIZE=tile)
+    return make(mask_mod, layout.doc_ids.shape[0], None, sq, sk, device=device, BLOCK_SIZE=tile_pair(tile))
 
 
-def block_mask_for(layout: AttentionLayout, device: torch.device, tile: int = TILE) -> "BlockMask":
+def block_mask_for(layout: AttentionLayout, device: torch.device, tile: TileSize = TILE,
+                   builder: str = "closed_form") -> "BlockMask":
     """:func:`build_block_mask` through the per-step cache (all layers share one mask)."""
     device = torch.device(device)
-    return BLOCK_MASK_CACHE.get(layout, (str(device), tile), lambda: build_block_mask(layout, device, tile))
+    return BLOCK_MASK_CACHE.get(layout, (str(device), tile_pair(tile), builder),
+                                lambda: build_block_mask(layout, device, tile, builder))
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> None:
@@ -159,10 +243,14 @@ def flex_attention_backend(
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ConfigError(unavailable_reason(q.device))
         q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses requires_grad inputs even under no_grad
-    block_mask = block_mask_for(layout, q.device)
+    options = FlexOptions.from_env()
+    block_mask = block_mask_for(layout, q.device, options.tile, options.block_mask)
     kwargs = dict(block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     if _use_compile(q.device):
-        return _compiled(flex_attention)(q, k, v, **kwargs)
+        kernel_options = options.kernel_options()
+        if kernel_options is not None:
+            kwargs["kernel_options"] = kernel_options
+        return _compiled(flex_attention, options.compile_mode)(q, k, v, **kwargs)
     with warnings.catch_warnings():  # "called without torch.compile": intended off CUDA
         warnings.simplefilter("ignore", UserWarning)
         return flex_attention(q, k, v, **kwargs)
