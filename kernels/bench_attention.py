@@ -13,6 +13,16 @@ fraction of non-empty 128x128 tiles.  Checks the targets:
 
     python kernels/bench_attention.py                 # GPU: L = 4096, 8192; B = 32, 64, L
     python kernels/bench_attention.py --smoke         # CPU: tiny shapes, checks the script runs
+    python kernels/bench_attention.py --flex-variants 128x64 max-autotune create_block_mask
+    python kernels/bench_attention.py --seq-lengths 16384 --block-sizes 32 --backends flex --cp-size 8
+
+``--flex-variants`` adds FlexAttention rows with other settings in the same
+process (``flex[128x64]``: query x key tile; ``flex[max-autotune]``: compile mode
+``max-autotune-no-cudagraphs``; ``flex[create_block_mask]``: torch's compiled
+BlockMask builder, the previous path; ``flex[FLASH]``: the FlashAttention-4
+kernel backend; combine with ``+``).  ``--cp-size N`` times flex fwd+bwd for the
+local queries of each of N simulated context-parallel ranks (the training's
+own split) against all keys: the per-rank balance of the attention work.
 
 Writes ``benchmarks/results/attention.md`` and ``.json`` (``attention_smoke.*``
 with ``--smoke``) with device, versions and date.
@@ -24,6 +34,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,6 +60,11 @@ from llada_cpt.kernels.unfused import unfused_attention  # noqa: E402
 MEMORY_TARGET = 0.10  # fused attention memory / unfused, at the largest L
 SPEED_TARGET = 1.25  # best fused fwd+bwd / (dense fused x non-empty tile fraction)
 MEMORY_CHECKED = ("cudnn", "flex")
+FLEX_VARIANTS = {  # --flex-variants item -> environment of llada_cpt.kernels.flex.FlexOptions
+    "max-autotune": {"LLADA_FLEX_COMPILE_MODE": "max-autotune-no-cudagraphs"},
+    "create_block_mask": {"LLADA_FLEX_BLOCK_MASK": "create_block_mask"},
+    "FLASH": {"LLADA_FLEX_KERNEL_BACKEND": "FLASH"},
+}
 KERNEL_PACKAGES = ("triton", "transformer-engine", "nvidia-cudnn-frontend")  # versions in the header
 
 
@@ -74,7 +91,47 @@ class Result:
     new_layout_ms: Optional[float] = None
 
 
-def _backends(device: torch.device) -> dict[str, tuple[Callable, Optional[str]]]:
+def flex_variant_env(variant: str) -> dict[str, str]:
+    """Environment of one ``--flex-variants`` item (``+``-joined parts: a tile ``NxM`` or a FLEX_VARIANTS key)."""
+    env: dict[str, str] = {}
+    for part in variant.split("+"):
+        if re.fullmatch(r"\d+(x\d+)?", part):
+            env["LLADA_FLEX_TILE"] = part
+        elif part in FLEX_VARIANTS:
+            env.update(FLEX_VARIANTS[part])
+        else:
+            raise ValueError(f"--flex-variants: `{part}` is neither a tile (128x64) nor one of {sorted(FLEX_VARIANTS)}")
+    return env
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _with_environ(fn: Callable, env: dict[str, str]) -> Callable:
+    def call(*args, **kwargs):
+        with _environ(env):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _variant_env(name: str) -> dict[str, str]:
+    """The environment of a ``flex[...]`` backend row ({} for the others)."""
+    return flex_variant_env(name[5:-1]) if name.startswith("flex[") else {}
+
+
+def _backends(device: torch.device, flex_variants=()) -> dict[str, tuple[Callable, Optional[str]]]:
     """name -> (callable, reason it cannot train here or None)."""
     out: dict[str, tuple[Callable, Optional[str]]] = {"unfused": (unfused_attention, None)}
     out["reference"] = (registry.load("reference"), None)
@@ -90,12 +147,22 @@ def _backends(device: torch.device) -> dict[str, tuple[Callable, Optional[str]]]
             from llada_cpt.kernels.te import make_te_backend
 
             out["te-unfused"] = (make_te_backend("arbitrary"), reason)
+    if "flex" in out:
+        fn, reason = out["flex"]
+        for variant in flex_variants:
+            env = flex_variant_env(variant)
+            extra = None
+            if env.get("LLADA_FLEX_KERNEL_BACKEND") == "FLASH" and reason is None:
+                from llada_cpt.kernels.flex import flash_backend_unavailable_reason
+
+                extra = flash_backend_unavailable_reason()
+            out[f"flex[{variant}]"] = (None if fn is None else _with_environ(fn, env), reason or extra)
     return out
 
 
 def _forward_only_ok(name: str, reason: Optional[str], device: torch.device) -> bool:
     """FlexAttention runs forward (eager) on CPU: the smoke run still exercises it."""
-    return name == "flex" and device.type == "cpu" and reason is not None and "CPU" in reason
+    return name.split("[")[0] == "flex" and device.type == "cpu" and reason is not None and "CPU" in reason
 
 
 def make_layout(seq_length: int, block: str, docs: str, batch: int, seed: int, device: torch.device) -> AttentionLayout:
@@ -238,6 +305,43 @@ def run_case(case_index: int, case: Case, layout: AttentionLayout, backends, arg
     return results
 
 
+def run_cp_ranks(case_index: int, layout: AttentionLayout, fn: Callable, args, device, dtype,
+                 backward: bool = True) -> list[Result]:
+    """Flex fwd+bwd of each simulated CP rank's local queries (the training's split) against all keys.
+
+    The per-rank attention time under context parallelism: its max / mean is
+    the imbalance the CP split leaves (issue 21's figure), measured on one GPU.
+    """
+    from llada_cpt.parallel.cp_batch import split_layout
+
+    scale = 1.0 / math.sqrt(args.head_dim)
+    q, k, v, dout = _inputs(layout, args, device, dtype)
+    results = []
+    for rank in range(args.cp_size):
+        name = f"flex cp{args.cp_size} rank {rank}"
+        res = Result(case_index, name, "fwd+bwd" if backward else "fwd", "ok")
+        try:
+            local = split_layout(layout, args.cp_size, rank)
+            rows = local.global_index(True).to(device)
+            q_local = q.detach()[:, :, rows].requires_grad_(True)
+            step = lambda: _step(fn, q_local, k, v, dout[:, :, rows], local, scale, backward)  # noqa: E731
+            _clear_mask_caches()
+            res.peak_mib = _peak_mib(step, device)
+            for _ in range(args.warmup):
+                step()
+            res.ms = _time(step, device, args.iters)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            res.status = _error_status(exc)
+        finally:
+            _clear_mask_caches()
+        results.append(res)
+        print(f"  {name}: {res.status} " + (f"{res.ms:.2f} ms" if res.ms is not None else ""), flush=True)
+    times = [r.ms for r in results if r.ms is not None]
+    if len(times) == args.cp_size:
+        print(f"  cp{args.cp_size} per-rank flex {results[0].mode}: max / mean = {max(times) / (sum(times) / len(times)):.3f}")
+    return results
+
+
 class _Phases:
     """``with phase("what"):`` prints ``what`` when it starts and its seconds when it ends (flushed)."""
 
@@ -255,10 +359,12 @@ class _Phases:
 
 
 def _build_mask(name: str, layout: AttentionLayout, q: torch.Tensor) -> None:
-    if name == "flex":
-        from llada_cpt.kernels.flex import block_mask_for
+    if name.split("[")[0] == "flex":
+        from llada_cpt.kernels.flex import FlexOptions, block_mask_for
 
-        block_mask_for(layout, q.device)
+        with _environ(_variant_env(name)):
+            options = FlexOptions.from_env()
+        block_mask_for(layout, q.device, options.tile, options.block_mask)
     elif name in ("cudnn", "te"):
         kbias.bias_for(layout, q.dtype, q.device)
     elif name == "te-unfused":
@@ -373,6 +479,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--backends", nargs="+", default=None, help="subset of unfused reference flex cudnn te te-unfused")
     p.add_argument("--tile", type=int, default=None, help="tile edge for the non-empty fraction (128 on GPU)")
+    p.add_argument("--flex-variants", nargs="+", default=[], metavar="VARIANT",
+                   help="extra flex rows: a tile (128x64) and/or " + ", ".join(FLEX_VARIANTS) + " (join with +)")
+    p.add_argument("--cp-size", type=int, default=0,
+                   help="also time flex fwd+bwd per simulated context-parallel rank (its local queries)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     gpu = dict(seq_lengths=[4096, 8192], block_sizes=["32", "64", "L"], heads=16, kv_heads=8, head_dim=128,
@@ -389,6 +499,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--block-sizes: {b} does not divide every sequence length {args.seq_lengths}")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    for variant in args.flex_variants:
+        try:
+            flex_variant_env(variant)
+        except ValueError as exc:
+            p.error(str(exc))
+    if args.cp_size and (args.cp_size < 2 or any(n % (2 * args.cp_size) for n in args.seq_lengths)):
+        p.error(f"--cp-size {args.cp_size}: needs >= 2 ranks and 2 x cp to divide every sequence length")
     return args
 
 
@@ -399,8 +516,9 @@ def main(argv=None) -> int:
         print("no CUDA device: the benchmark needs a GPU; use --smoke on CPU to check the script", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    backends = _backends(device)
+    backends = _backends(device, args.flex_variants)
     if args.backends:
+        args.backends = list(args.backends) + [f"flex[{v}]" for v in args.flex_variants]
         unknown = set(args.backends) - set(backends) - {"te-unfused"}
         if unknown:
             print(f"unknown --backends {sorted(unknown)}; choose from {sorted(backends)}", file=sys.stderr)
@@ -420,6 +538,9 @@ def main(argv=None) -> int:
                 cases.append(case)
                 print(f"L={seq_length} B={block} docs={docs}: {sq}x{sk}, non-empty tiles {fraction:.3f}", flush=True)
                 results += run_case(len(cases) - 1, case, layout, backends, args, device, dtype)
+                flex_fn, flex_reason = backends.get("flex", (None, "not selected"))
+                if args.cp_size and flex_fn is not None and (flex_reason is None or _forward_only_ok("flex", flex_reason, device)):
+                    results += run_cp_ranks(len(cases) - 1, layout, flex_fn, args, device, dtype, flex_reason is None)
                 _write(args, env, cases, results, partial=True)  # a time limit still leaves what was measured
     verdicts = _write(args, env, cases, results, partial=False)
     for v in verdicts:
