@@ -129,5 +129,6 @@ def linear_cross_entropy(
     rank = dist.get_rank(tp_group) if tp_group is not None and dist.get_world_size(tp_group) > 1 else 0
     chunk = chunk_tokens or default_chunk_tokens(v_local)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    loss = _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), tp_group, rank * v_local, chunk)
+    with torch.profiler.record_function("llada::cross_entropy"):  # a category of benchmarks/train_step.py --profile
+        loss = _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), tp_group, rank * v_local, chunk)
     return loss.view(labels.shape)

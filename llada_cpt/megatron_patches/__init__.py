@@ -13,9 +13,19 @@ patches applied in this process, for the start-up log.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List, Sequence
 
-__all__ = ["apply"]
+__all__ = ["apply", "apply_once"]
+
+
+def apply_once(patches: Sequence[Callable[[], bool]], applied: List[str]) -> List[str]:
+    """Run each patch function not yet in ``applied`` (by name, without the leading ``_``); a
+    patch returns whether it applied (False: not needed here).  Returns the applied names."""
+    for fn in patches:
+        name = fn.__name__.lstrip("_")
+        if name not in applied and fn():
+            applied.append(name)
+    return list(applied)
 
 
 def apply() -> List[str]:

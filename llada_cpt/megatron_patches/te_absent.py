@@ -93,8 +93,6 @@ _APPLIED: List[str] = []
 
 def apply() -> List[str]:
     """Apply the fixes this installation needs (idempotent); their names."""
-    for fn in _PATCHES:
-        name = fn.__name__.lstrip("_")
-        if name not in _APPLIED and fn():
-            _APPLIED.append(name)
-    return list(_APPLIED)
+    from . import apply_once
+
+    return apply_once(_PATCHES, _APPLIED)

@@ -86,11 +86,9 @@ _APPLIED: List[str] = []
 
 def apply() -> List[str]:
     """Apply the rebindings this installation needs (idempotent); their names."""
-    for fn in _PATCHES:
-        name = fn.__name__.lstrip("_")
-        if name not in _APPLIED and fn():
-            _APPLIED.append(name)
-    return list(_APPLIED)
+    from . import apply_once
+
+    return apply_once(_PATCHES, _APPLIED)
 
 
 def revert() -> None:
@@ -126,8 +124,21 @@ def _fuse(opt: torch.optim.Optimizer) -> None:
     _step_on_param_device(opt)
 
 
-def use_fused_adamw(optimizer) -> int:
+def _unfuse(opt: torch.optim.Optimizer) -> None:
+    opt.defaults.update(fused=None, foreach=None)
+    for group in opt.param_groups:
+        group.update(fused=None, foreach=None)
+        for param in group["params"]:  # non-fused AdamW keeps step on the host (no sync per parameter)
+            state = opt.state.get(param)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to("cpu", torch.float32).clone()
+
+
+def use_fused_adamw(optimizer, enabled: bool = True) -> int:
     """Switch the torch AdamW inside a Megatron optimizer to ``fused=True``; how many were switched.
+
+    ``enabled=False`` switches back to torch's default implementation (the benchmark
+    compares both on one optimizer).
 
     Megatron-Core constructs ``torch.optim.AdamW(**kwargs)`` itself without a ``fused``
     argument (0.16.1 - 0.19, ``_get_megatron_optimizer_based_on_param_groups``), so the
@@ -137,7 +148,14 @@ def use_fused_adamw(optimizer) -> int:
     """
     count = 0
     for opt in inner_torch_optimizers(optimizer):
-        _fuse(opt)
-        opt.register_load_state_dict_post_hook(_fuse)
+        hooked = getattr(opt, "_llada_fused_hook", None)
+        if hooked is not None:
+            hooked.remove()
+            opt._llada_fused_hook = None
+        if enabled:
+            _fuse(opt)
+            opt._llada_fused_hook = opt.register_load_state_dict_post_hook(_fuse)
+        else:
+            _unfuse(opt)
         count += 1
     return count

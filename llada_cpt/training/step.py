@@ -182,12 +182,15 @@ def _fused_head(model: torch.nn.Module, enabled: bool):
     def loss_from_hidden(labels, hidden):  # labels [b, S], hidden [S, b, h]
         return linear_cross_entropy(hidden, weights.pop(), labels.t(), tp_group).t().contiguous()
 
+    shadowed = module.__dict__.get("compute_language_model_loss")  # e.g. a profiler's wrapper
     head.forward = hidden_as_logits
     module.compute_language_model_loss = loss_from_hidden
     try:
         yield
     finally:
         del head.forward, module.compute_language_model_loss
+        if shadowed is not None:
+            module.compute_language_model_loss = shadowed
 
 
 def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
