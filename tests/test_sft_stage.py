@@ -73,22 +73,32 @@ def _grads(run) -> list:
     return [p.main_grad.detach().clone() for chunk in run.model_chunks for p in chunk.parameters()]
 
 
-def _sft_layouts(rank: int, world: int, out: str) -> dict:
-    """TP=1 x DP=2: plain SFT vs CAP(0) vs CAP(0.5) gradients; TP=2 and PP=2 from the same weights: the losses."""
-    from llada_cpt.stages.sft import SFTStage, sft_loss
+def _trained_sft(out: str):
+    """``(cfg, stage, run)`` after two SFT steps, saved to ``out/w``: some masked tokens are then predicted
+    right (CAP acts on them)."""
+    from llada_cpt.stages.sft import SFTStage
     from llada_cpt.training import checkpoint as ckpt
     from llada_cpt.training.loop import build_run
 
-    results = {}
     cfg = small_config("sft", "train.lr=3e-3")
     stage = SFTStage(cfg)
     run = build_run(cfg, stage)
-    for _ in range(2):  # a little training, so that some masked tokens are predicted right (CAP acts on them)
+    for _ in range(2):
         data = stage.step_data(run, 32)
         run.optimizer.zero_grad()
         stage.forward_backward(run, data.micro_batches, forward_only=False)
         run.optimizer.step()
     ckpt.save_checkpoint(f"{out}/w", 2, run.model_chunks, None, None, {}, cfg)
+    return cfg, stage, run
+
+
+def _sft_layouts(rank: int, world: int, out: str) -> dict:
+    """TP=1 x DP=2: plain SFT vs CAP(0) vs CAP(0.5) gradients; TP=2 and PP=2 from the same weights: the losses."""
+    from llada_cpt.stages.sft import SFTStage, sft_loss
+    from llada_cpt.training.loop import build_run
+
+    results = {}
+    cfg, stage, run = _trained_sft(out)
     position = stage.position
     batches = stage.step_data(run, 32).micro_batches
     for name, lam in (("plain", None), ("cap0", 0.0), ("cap", 0.5)):
@@ -228,19 +238,9 @@ def _sft_noise_cap_layouts(rank: int, world: int, out: str) -> dict:
     """With masked-embedding noise on: plain SFT and CAP losses / metrics under DP2 x 1 micro-batch, DP2 x 2,
     DP1 (TP2) x 2 and DP1 (TP2) x 4 micro-batches from the same weights; on DP2 x 1 also CAP by hand."""
     from llada_cpt.stages.sft import SFTStage, sft_loss
-    from llada_cpt.training import checkpoint as ckpt
     from llada_cpt.training.loop import build_run
 
-    cfg = small_config("sft", "train.lr=3e-3")
-    stage = SFTStage(cfg)
-    run = build_run(cfg, stage)
-    for _ in range(2):  # some masked tokens predicted right
-        data = stage.step_data(run, 32)
-        run.optimizer.zero_grad()
-        stage.forward_backward(run, data.micro_batches, forward_only=False)
-        run.optimizer.step()
-    ckpt.save_checkpoint(f"{out}/w", 2, run.model_chunks, None, None, {}, cfg)
-    position = stage.position
+    position = _trained_sft(out)[1].position
     results = {}
     for name, over in (("dp2_mb1", ()), ("dp2_mb2", ("train.micro_batch_size=1",)),
                        ("dp1_mb2", ("parallel.tensor_model_parallel_size=2",)),
