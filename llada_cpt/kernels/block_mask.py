@@ -63,10 +63,13 @@ def closed_form_block_mask(layout: AttentionLayout, device: torch.device, mask_m
     num_keys = layout.global_index(False).numel()
     counts = tile_counts(key_intervals(layout, q_index), num_keys, (q_tile, kv_tile))
     partial, full = tile_states(counts, (q_tile, kv_tile))
-    kv = ordered_blocks(partial) + ordered_blocks(full)
-    q = ordered_blocks(partial.transpose(1, 2)) + ordered_blocks(full.transpose(1, 2))
+    lists = {}
+    for side, table in (("kv", partial), ("full_kv", full), ("q", partial.transpose(1, 2)),
+                        ("full_q", full.transpose(1, 2))):
+        lists[f"{side}_num_blocks"], lists[f"{side}_indices"] = ordered_blocks(table)
     lengths = (q_index.numel(), num_keys)
     try:  # the query-side lists by the same scatter (from_kv_blocks would densify and argsort them)
-        return BlockMask(lengths, *kv, *q, BLOCK_SIZE=(q_tile, kv_tile), mask_mod=mask_mod)
-    except TypeError:  # pragma: no cover - a torch whose constructor differs
+        return BlockMask(seq_lengths=lengths, BLOCK_SIZE=(q_tile, kv_tile), mask_mod=mask_mod, **lists)
+    except TypeError:  # pragma: no cover - a torch whose constructor has other argument names
+        kv = [lists[k] for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
         return BlockMask.from_kv_blocks(*kv, BLOCK_SIZE=(q_tile, kv_tile), mask_mod=mask_mod, seq_lengths=lengths)
