@@ -5,57 +5,65 @@ MDLM layout, of the single copy), so its queries of either half are local and
 one all-gather of K/V gives every rank the keys it needs.  Every rank holds
 ``L / cp`` positions, so the gathered K/V shards have equal shapes.
 
-Plain zig-zag (``2*cp`` equal chunks, rank ``r`` holds ``r`` and ``2cp-1-r``)
-balances a single causal document, but not packed documents under the
-block-diffusion mask: a position's work is ``2 * min((b+1)B, n)`` (see
-``work.py``), so long documents dominate and plain zig-zag reaches ~2x at CP=8.
+What is balanced is the kernel's real work: non-empty ``q_tile x kv_tile``
+tiles (``ATTENTION_TILE`` = 128, shared with the FlexAttention BlockMask), not
+allowed query-key pairs (see ``work.py``).  A split that mixes positions of
+unrelated documents into one local query tile makes that tile touch the union
+of their key tiles, so the pair-balanced split of before cost up to 1.85x the
+ideal in tiles, worse than plain zig-zag in half of the cases.
 
-``cp_partition`` balances the closed-form work instead, in 64-position tiles
-of the global sequence (the attention kernels' query tiles):
+``cp_partition``:
 
-1. Whole tiles are dealt costliest first, each to the least loaded rank that
-   still has room (LPT under equal counts).
-2. Swaps of equal-size units between the most loaded rank and any other rank
-   lower the maximum while they can (a swap keeps counts equal).
-3. Only if ``max / mean`` still exceeds ``tolerance`` are some tiles *shared*:
-   dealt position by position, taken alternately from the costliest and the
-   cheapest tiles, so that single positions of very different cost can even
-   out what whole tiles cannot.  The number of shared tiles grows
-   geometrically (by ``cp``, ``2cp``, ...) until the tolerance is met.
+1. The unit is a run of ``q_tile`` aligned positions; with ``L`` a multiple of
+   ``cp * q_tile`` each unit fills one local query tile of each half, so a
+   rank's tiles are the sum of its units' CP = 1 tile counts
+   (``work.unit_tile_cost``, closed form from ``doc_ids``; a micro-batch
+   ``[b, L]`` adds the costs of its samples).
+2. Two equal-count splits of the units are built - LPT (costliest first, to
+   the least loaded rank that still has room) and balanced largest
+   differencing - and each is refined by swaps between the most loaded rank and
+   any other while they lower the maximum (a swap keeps counts equal); the
+   better one is kept.  If its busiest rank is still above 1.05 x the mean
+   (few units per rank), a bounded exhaustive search looks for a better
+   equal-count split (``optimal_unit_split``).
+3. Plain zig-zag is the fallback: it is taken when its busiest rank has fewer
+   tiles (exact count), so the split is never worse than zig-zag.  With ``L``
+   not a multiple of ``cp * q_tile`` the ``L mod (cp * q_tile)`` tail positions
+   are dealt zig-zag, and both candidates are counted exactly.
 
-Alignment property (tested): each full tile ``[64t, 64t+64)`` is held whole by
-one rank, except the shared tiles.  ``n_tiles % cp`` tiles and the ``L % 64``
-tail are always shared (equal counts need it; none when ``L`` is a multiple of
-``64 * cp``); more are shared only when whole tiles cannot meet ``tolerance``,
-i.e. when a few costly tiles stand among cheap ones, e.g. a document of a few
-hundred tokens among tiny ones in the MDLM layout.  On packings of 16-3000 token
-documents at L = 8192 every tile stays whole for CP 2, 4 and 8.
-
-Everything is integer arithmetic with stable sorts, so every rank computes the
-same answer from the same ``doc_ids``; one call takes a few milliseconds at
-L = 8192.
+Everything is integer arithmetic with stable sorts on the host, so every rank
+computes the same answer from the same ``doc_ids``.
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .work import doc_ids_array, position_cost_numpy
+from ..kernels.tiles import ATTENTION_TILE, TileSize, tile_pair
+from .work import rank_tile_cost, unit_tile_cost
 
-__all__ = ["TILE", "cp_positions", "cp_partition", "zigzag_positions", "zigzag_partition"]
-
-TILE = 64
-"""Query tile of the attention kernels; whole tiles keep their key-tile sparsity."""
-
-DEFAULT_TOLERANCE = 1.02
-"""Target ``max / mean`` work before tiles are shared (the hard requirement is 1.05)."""
+__all__ = [
+    "cp_positions",
+    "cp_partition",
+    "optimal_unit_split",
+    "unit_split_bound",
+    "zigzag_positions",
+    "zigzag_partition",
+]
 
 _MAX_SWAPS = 256
-"""Swaps per attempt; bounds the time of pathological layouts (a few are typical)."""
+"""Swaps per split; bounds the time of pathological layouts (a few are typical)."""
+
+SEARCH_ABOVE = 1.05
+"""Busiest / mean above which the heuristics' split is improved by an exhaustive search (the goal)."""
+
+_SEARCH_BUDGET = 1000
+"""Search steps per split (a few ms): enough to find better splits of few units per rank, where it matters."""
 
 
 def _check(seq_length: int, cp_size: int, cp_rank: int | None = None) -> None:
@@ -94,11 +102,6 @@ class _Units:
     size: int
     cost: np.ndarray
     owner: np.ndarray
-
-
-def _units(starts: np.ndarray, size: int, csum: np.ndarray) -> _Units:
-    cost = csum[starts + size] - csum[starts]
-    return _Units(starts, size, cost, np.zeros(len(starts), dtype=np.int64))
 
 
 def _deal(g: _Units, loads: np.ndarray) -> None:
@@ -173,69 +176,227 @@ def _refine(groups: list[_Units], loads: np.ndarray) -> None:
         g.owner[u], g.owner[v] = b, a
 
 
-def _balance(cost: np.ndarray, cp: int, tile: int, tolerance: float) -> np.ndarray:
-    """Owner rank of every position (see the module docstring for the method)."""
-    L = len(cost)
-    csum = np.concatenate([[0], np.cumsum(cost)])
-    n_tiles = L // tile
-    tile_starts = np.arange(n_tiles, dtype=np.int64) * tile
-    by_cost = np.argsort(-(csum[tile_starts + tile] - csum[tile_starts]), kind="stable")
-    # Sharing from both ends of the cost order gives the single positions a wide
-    # spread of costs, which is what lets swaps of equal counts even out the work.
-    ends = np.empty(n_tiles, dtype=np.int64)
-    ends[0::2] = by_cost[: (n_tiles + 1) // 2]
-    ends[1::2] = by_cost[::-1][: n_tiles // 2]
-    mean = cost.sum() / cp
+def _differencing(cost: np.ndarray, cp: int) -> np.ndarray:
+    """Owner of every unit by balanced largest differencing (Karmarkar-Karp with equal counts).
 
-    def attempt(n_shared: int) -> tuple[float, list[_Units]]:
-        shared = np.sort(tile_starts[ends[:n_shared]])
-        whole = np.sort(tile_starts[ends[n_shared:]])
-        singles = np.concatenate([(shared[:, None] + np.arange(tile)).reshape(-1), np.arange(n_tiles * tile, L)])
-        groups = [g for g in (_units(whole, tile, csum), _units(singles, 1, csum)) if len(g.starts)]
-        loads = np.zeros(cp, dtype=np.int64)
-        for g in groups:
-            _deal(g, loads)
-        _refine(groups, loads)
-        return (loads.max() / mean if mean > 0 else 1.0), groups
-
-    n_shared, step = n_tiles % cp, cp
-    best = attempt(n_shared)
-    while best[0] > tolerance and n_shared < n_tiles:
-        n_shared, step = min(n_tiles, n_shared + step), 2 * step
-        best = min(best, attempt(n_shared), key=lambda x: x[0])
-    owner = np.empty(L, dtype=np.int64)
-    for g in best[1]:
-        owner[(g.starts[:, None] + np.arange(g.size)).reshape(-1)] = np.repeat(g.owner, g.size)
+    The costs sorted in decreasing order form ``n / cp`` layers of ``cp`` units,
+    each a partial split with one unit per rank; the two partial splits of
+    largest spread are merged, heaviest part with lightest, until one is left.
+    It finds splits that LPT misses when few units per rank must even out.
+    """
+    order = np.argsort(-cost, kind="stable")
+    heap = []
+    for layer in range(len(cost) // cp):
+        units = order[layer * cp:(layer + 1) * cp].tolist()
+        parts = [(int(cost[u]), [u]) for u in units]  # heaviest first
+        heap.append((parts[-1][0] - parts[0][0], layer, parts))
+    heapq.heapify(heap)
+    tie = len(heap)
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        merged = sorted(((x[0] + y[0], x[1] + y[1]) for x, y in zip(a, reversed(b))), key=lambda p: -p[0])
+        heapq.heappush(heap, (merged[-1][0] - merged[0][0], tie, merged))
+        tie += 1
+    owner = np.empty(len(cost), dtype=np.int64)
+    for rank, (_, units) in enumerate(heap[0][2]):
+        owner[units] = rank
     return owner
+
+
+def _balance_units(cost: np.ndarray, size: int, cp: int) -> tuple[_Units, np.ndarray]:
+    """Equal-count split of units of ``size`` positions: the better of LPT and differencing, both refined."""
+    best = None
+    for start in ("lpt", "differencing"):
+        g = _Units(np.arange(len(cost)) * size, size, cost, np.zeros(len(cost), dtype=np.int64))
+        loads = np.zeros(cp, dtype=np.int64)
+        if len(cost):
+            if start == "lpt":
+                _deal(g, loads)
+            else:
+                g.owner[:] = _differencing(cost, cp)
+                loads = np.bincount(g.owner, weights=cost, minlength=cp).astype(np.int64)
+            _refine([g], loads)
+        if best is None or loads.max() < best[1].max():
+            best = (g, loads)
+    g, loads = best
+    if len(cost) and loads.max() * cp > SEARCH_ABOVE * cost.sum():
+        _, owner, _ = optimal_unit_split(cost, cp, int(loads.max()), _SEARCH_BUDGET)
+        if owner is not None:
+            g.owner[:] = owner
+            loads = np.bincount(g.owner, weights=cost, minlength=cp).astype(np.int64)
+    return g, loads
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def unit_split_bound(cost: np.ndarray, cp: int) -> int:
+    """A lower bound on the busiest rank of any equal-count split of units of costs ``cost``.
+
+    ``ceil(total / cp)``, and pigeonhole: of the ``k cp + 1`` costliest units one
+    rank holds ``k + 1``, plus ``m - k - 1`` more (``m`` units per rank).
+    """
+    desc = np.sort(np.asarray(cost, dtype=np.int64))[::-1]
+    asc = desc[::-1]
+    m = len(desc) // cp
+    bound = -(-int(desc.sum()) // cp)
+    for k in range(m):
+        top = k * cp + 1
+        bound = max(bound, int(desc[top - k - 1:top].sum() + asc[: m - k - 1].sum()))
+    return bound
+
+
+def _search(values: list, counts: list, m: int, cp: int, limit: int, steps: list, budget: int):
+    """Value indices of ``cp`` ranks of ``m`` units each, every rank's load <= ``limit``, or None.
+
+    Depth-first over ranks: each takes the costliest unit left (ranks are
+    interchangeable) and ``m - 1`` more in non-increasing order; remainders
+    that failed are memoised.  Raises ``_OverBudget`` after ``budget`` steps.
+    """
+    failed: set = set()
+    chosen: list = []
+    left = list(counts)
+
+    def place(ranks: int) -> bool:
+        if ranks == 0:
+            return True
+        rest = tuple(left)
+        if rest in failed or sum(v * c for v, c in zip(values, rest)) > limit * ranks:
+            return False
+        i0 = next(i for i, c in enumerate(left) if c)
+        left[i0] -= 1
+        taken = [i0]
+
+        def pick(i: int, more: int, load: int) -> bool:
+            steps[0] += 1
+            if steps[0] > budget:
+                raise _OverBudget
+            if more == 0:
+                chosen.append(list(taken))
+                if place(ranks - 1):
+                    return True
+                chosen.pop()
+                return False
+            for j in range(i, len(values)):
+                if left[j] and load + values[j] <= limit:
+                    left[j] -= 1
+                    taken.append(j)
+                    ok = pick(j, more - 1, load + values[j])
+                    taken.pop()
+                    left[j] += 1
+                    if ok:
+                        return True
+            return False
+
+        ok = pick(i0, m - 1, values[i0])
+        left[i0] += 1
+        if not ok:
+            failed.add(rest)
+        return ok
+
+    return chosen if place(cp) else None
+
+
+def optimal_unit_split(cost: np.ndarray, cp: int, upper: int,
+                       budget: int = 1_000_000) -> Tuple[int, Optional[np.ndarray], bool]:
+    """Best equal-count split of units below a busiest-rank load of ``upper``, by exhaustive search.
+
+    Returns ``(load, owner per unit or None, proven)``: the smallest busiest
+    rank found below ``upper`` (``upper`` and None if none was found) and
+    whether it is the optimum.  Each step asks for a split strictly better than
+    the last one found (finding one is usually quick; proving that none exists
+    is what the ``budget`` of search steps bounds), down to
+    :func:`unit_split_bound`.
+    """
+    values, counts = np.unique(np.asarray(cost, dtype=np.int64), return_counts=True)
+    values, counts = values[::-1].tolist(), counts[::-1].tolist()
+    m = len(cost) // cp
+    steps = [0]
+    best, best_load, bound = None, upper, unit_split_bound(cost, cp)
+    proven = False
+    try:
+        while best_load > bound:
+            found = _search(values, counts, m, cp, best_load - 1, steps, budget)
+            if found is None:
+                break
+            best, best_load = found, max(sum(values[i] for i in picks) for picks in found)
+        proven = True
+    except _OverBudget:
+        pass
+    if best is None:
+        return upper, None, proven
+    units = {v: list(np.flatnonzero(cost == v)) for v in values}
+    owner = np.empty(len(cost), dtype=np.int64)
+    for rank, picks in enumerate(best):
+        for i in picks:
+            owner[units[values[i]].pop()] = rank
+    return best_load, owner, proven
+
+
+def _zigzag_owner(seq_length: int, cp: int) -> np.ndarray:
+    """Rank of every position under plain zig-zag."""
+    chunk = np.arange(seq_length) // (seq_length // (2 * cp))
+    return np.minimum(chunk, 2 * cp - 1 - chunk)
+
+
+def _parts(owner: np.ndarray, cp: int) -> list[torch.LongTensor]:
+    """Sorted positions per rank (a stable sort by owner keeps each rank's positions increasing)."""
+    order = torch.from_numpy(np.argsort(owner, kind="stable").reshape(cp, -1))
+    return [order[r] for r in range(cp)]
 
 
 def cp_partition(
     doc_ids: torch.Tensor,
     block_size: int,
     cp_size: int,
-    tolerance: float = DEFAULT_TOLERANCE,
-    tile: int = TILE,
+    *,
+    causal: bool = False,
+    tile: TileSize = ATTENTION_TILE,
+    partial_weight: float = 1.0,
 ) -> list[torch.LongTensor]:
-    """Sorted global positions in ``[0, L)`` of every CP rank, balanced for the BDLM mask.
+    """Sorted global positions in ``[0, L)`` of every CP rank, balanced in kernel tiles.
 
     ``doc_ids`` is ``[L]`` (or ``[b, L]``: the micro-batch shares one split and
-    its costs add up); ``block_size >= L`` means the MDLM layout.  Each rank gets
-    ``L / cp`` positions.  Deterministic: all ranks compute the same list.
+    its costs add up); ``block_size >= L`` means the MDLM layout, ``causal`` the
+    AR layout.  ``tile`` is the kernel's ``(q_tile, kv_tile)`` (or one int);
+    ``partial_weight`` the cost of a partial (masked) tile relative to a full
+    one.  Each rank gets ``L / cp`` positions.  Deterministic: all ranks
+    compute the same list.
     """
-    if tile < 1:
-        raise ConfigError(f"tile must be >= 1, got {tile}")
-    d = doc_ids_array(doc_ids)
-    L = d.shape[1]
+    if doc_ids.dim() == 0:
+        raise ConfigError("doc_ids must have shape [L] or [b, L]; got a scalar")
+    L = doc_ids.shape[-1]
     _check(L, cp_size)
+    device = doc_ids.device
     if cp_size == 1:
-        return [torch.arange(L, device=doc_ids.device)]
-    owner = _balance(position_cost_numpy(d, block_size), cp_size, tile, tolerance)
-    # A stable sort by owner lists each rank's positions in increasing order.
-    order = torch.from_numpy(np.argsort(owner, kind="stable").reshape(cp_size, L // cp_size))
-    return [order[r].to(doc_ids.device) for r in range(cp_size)]
+        return [torch.arange(L, device=device)]
+    q = tile_pair(tile)[0]
+    cost = unit_tile_cost(doc_ids, block_size, tile, partial_weight, causal)
+    whole = (L // q) // cp_size * cp_size  # units dealt whole
+    g, loads = _balance_units(cost[:whole], q, cp_size)
+    owner = np.empty(L, dtype=np.int64)
+    owner[: whole * q] = np.repeat(g.owner, q)
+    tail = L - whole * q
+    if tail:
+        owner[whole * q:] = (_zigzag_owner(tail, cp_size) if tail % (2 * cp_size) == 0
+                             else np.repeat(np.arange(cp_size), tail // cp_size))
+    zigzag = _zigzag_owner(L, cp_size)
+    if whole * q == L and L % (2 * cp_size * q) == 0:  # both exact sums of unit costs
+        ours_max = int(loads.max())
+        zigzag_max = int(np.bincount(zigzag[::q], weights=cost, minlength=cp_size).max())
+    else:
+        args = (doc_ids, block_size)
+        kw = dict(tile=tile, partial_weight=partial_weight, causal=causal)
+        ours_max = int(loads.max()) if whole * q == L else int(rank_tile_cost(*args, _parts(owner, cp_size), **kw).max())
+        zigzag_max = int(rank_tile_cost(*args, _parts(zigzag, cp_size), **kw).max())
+    if zigzag_max < ours_max:
+        owner = zigzag
+    return [p.to(device) for p in _parts(owner, cp_size)]
 
 
-def cp_positions(doc_ids: torch.Tensor, block_size: int, cp_size: int, cp_rank: int) -> torch.LongTensor:
+def cp_positions(doc_ids: torch.Tensor, block_size: int, cp_size: int, cp_rank: int, **kwargs) -> torch.LongTensor:
     """Sorted global positions that ``cp_rank`` holds in each half (see ``cp_partition``)."""
     _check(doc_ids.shape[-1], cp_size, cp_rank)
-    return cp_partition(doc_ids, block_size, cp_size)[cp_rank]
+    return cp_partition(doc_ids, block_size, cp_size, **kwargs)[cp_rank]

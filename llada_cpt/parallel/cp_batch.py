@@ -31,7 +31,7 @@ __all__ = ["layout_partition", "split_layout", "split_batch", "full_token_values
 
 
 def _partition_block_size(layout: AttentionLayout) -> int:
-    """The block size whose work ``cp_partition`` balances (MDLM: ``L``; plain causal: 1)."""
+    """The block size whose tiles ``cp_partition`` balances (MDLM: ``L``; plain causal: 1)."""
     if layout.mdlm:
         return layout.seq_length
     return 1 if layout.causal else layout.block_size
@@ -43,7 +43,7 @@ def layout_partition(layout: AttentionLayout, cp_size: int) -> list[torch.LongTe
     The single definition shared by the batch split and the K/V gather
     (:mod:`llada_cpt.parallel.cp_attention`), so both agree on who holds what.
     """
-    return cp_partition(layout.doc_ids, _partition_block_size(layout), cp_size)
+    return cp_partition(layout.doc_ids, _partition_block_size(layout), cp_size, causal=layout.causal)
 
 
 def split_layout(layout: AttentionLayout, cp_size: int, cp_rank: int) -> AttentionLayout:
