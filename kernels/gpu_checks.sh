@@ -58,6 +58,8 @@ mkdir -p "$OUTDIR"
 LOG=$OUTDIR/gpu_checks.log
 SUMMARY=$OUTDIR/summary.md
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image has python3 (with torch), maybe no `python`
+export PY
 START=$SECONDS
 status=0
 [ $DRY = 1 ] || { : >"$LOG"; printf '| step | exit | seconds | limit |\n|---|---|---|---|\n' >"$SUMMARY"; }
@@ -98,20 +100,20 @@ step() {
 }
 
 install_wheels() {
-  python -c "import megatron.core" 2>/dev/null && { echo "megatron-core already importable"; return 0; }
+  "$PY" -c "import megatron.core" 2>/dev/null && { echo "megatron-core already importable"; return 0; }
   ls wheels/*.whl >/dev/null 2>&1 || { echo "no wheels/*.whl and no megatron-core: train steps will fail"; return 1; }
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/llada-site wheels/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/llada-site wheels/*.whl
 }
 export PYTHONPATH="$PYTHONPATH:/tmp/llada-site"  # install_wheels runs in a child: the path is set up front
 
 export SCRATCH
 export -f install_wheels
 
-BENCH=(python kernels/bench_attention.py --docs packed --warmup 2 --iters 5)
-TRAIN=(python benchmarks/train_step.py --micro-batches 8 --warmup 1 --steps 3)
+BENCH=("$PY" kernels/bench_attention.py --docs packed --warmup 2 --iters 5)
+TRAIN=("$PY" benchmarks/train_step.py --micro-batches 8 --warmup 1 --steps 3)
 read -r -a TRAIN_EXTRA <<<"${TRAIN_STEP_ARGS:-}"
 
-step env 30 python - <<'PY'
+step env 30 "$PY" - <<'PY'
 import importlib.metadata as md, torch
 print(f"torch {torch.__version__} CUDA {torch.version.cuda} cuDNN {torch.backends.cudnn.version()}",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
@@ -122,15 +124,18 @@ for p in ("triton", "megatron-core", "transformer-engine", "flash-attn-4", "nvid
         print(p, "-")
 PY
 step install 60 install_wheels
-step gpu-tests 110 python -m pytest -m gpu tests -q -p no:cacheprovider -rs
+# only the files that hold GPU tests: a CPU-only test module importing a package the image lacks must not
+# stop the collection
+mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
+step gpu-tests 110 "$PY" -m pytest -m gpu "${GPU_TESTS[@]}" -q -p no:cacheprovider -rs --continue-on-collection-errors
 step attention 130 "${BENCH[@]}" --seq-lengths 4096 8192 --block-sizes 32 L --backends unfused flex cudnn \
   --flex-variants 128x64 --out "$SCRATCH/attention"
 step train-step 130 "${TRAIN[@]}" --block-sizes 32 L --backends flex cudnn ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} --out "$SCRATCH/train_step"
 cli_train_generate() {  # the GPU crash fixed last time (generation) was never rerun
-  python -m llada_cpt.cli train -c configs/tiny_cpu.yaml --nproc 1 "diffusion.block_schedule=[[1,3],[4,100]]" \
+  "$PY" -m llada_cpt.cli train -c configs/tiny_cpu.yaml --nproc 1 "diffusion.block_schedule=[[1,3],[4,100]]" \
     train.lr_warmup_steps=2 train.train_steps=20 checkpoint.save_interval=20 model.attention_backend=flex \
     "checkpoint.save_dir=$SCRATCH/cli/run" || return $?
-  python -m llada_cpt.cli generate --ckpt "$SCRATCH/cli/run" --prompt "def f(x):" --block-size 4 --max-new-tokens 32
+  "$PY" -m llada_cpt.cli generate --ckpt "$SCRATCH/cli/run" --prompt "def f(x):" --block-size 4 --max-new-tokens 32
 }
 export -f cli_train_generate
 step cli 90 cli_train_generate

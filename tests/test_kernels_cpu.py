@@ -599,7 +599,7 @@ def test_gpu_checks_script_structure():
         assert needed in names
     assert all(0 < int(limit) <= 150 for _, limit, _ in steps)
     commands = {name: command for name, _, command in steps}
-    assert "pytest -m gpu" in commands["gpu-tests"]
+    assert "pytest -m gpu" in commands["gpu-tests"] and "tests/test_kernels_gpu.py" in commands["gpu-tests"]
     assert "--seq-lengths 4096 8192" in commands["attention"] and "unfused flex cudnn" in commands["attention"]
     assert "--cp-size 8" in commands["attention-16384"] and "--seq-lengths 16384" in commands["attention-16384"]
     assert "--micro-batches 8" in commands["train-step"]
