@@ -6,7 +6,7 @@ against Megatron's ``vocab_parallel_cross_entropy`` on TP=2 vocabulary shards (t
 ranks, loss and both gradients); and as the model's head inside the real training step
 (``model.fused_cross_entropy``) on the BDLM layout, whose head sees the x_t half only: loss
 and every parameter's reduced gradient equal the plain path at TP=1 (DP=2) and TP=2, with
-tied and untied embeddings.
+tied and untied embeddings; the chunked head computes only the positions with loss weight.
 """
 from __future__ import annotations
 
@@ -88,8 +88,9 @@ def _batches(rows):
     x0 = torch.randint(0, VOCAB - 1, (4, L), generator=g)
     doc = torch.tensor([[0] * 5 + [1] * 11, [0] * 16, [0] * 9 + [1] * 7, [0] * 3 + [1] * 13])
     full = build_diffusion_batch(x0, doc, 4, VOCAB - 1, generator=g)
-    return [build_diffusion_batch(full.labels[[r], :L], doc[[r]], 4, VOCAB - 1, masked=full.masked[[r]],
-                                  t=full.t[[r]]) for r in rows]
+    pairs = [rows[i:i + 2] for i in range(0, len(rows), 2)]  # micro-batches of 2 sequences: [S, b] order matters
+    return [build_diffusion_batch(full.labels[r, :L], doc[r], 4, VOCAB - 1, masked=full.masked[r], t=full.t[r])
+            for r in pairs]
 
 
 def _vocab_parallel(rank: int, world: int) -> dict:

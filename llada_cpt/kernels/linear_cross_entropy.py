@@ -73,10 +73,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             logits = (hidden[s:e] @ weight.t()).float()  # the plain path's logits, then .float()
-            m = logits.max(dim=-1).values
+            m = logits.amax(dim=-1)
             _all_reduce(m, group, dist.ReduceOp.MAX)
             tgt = logits.gather(1, cols[s:e, None]).squeeze(1) * held[s:e]
-            stats = torch.stack([torch.exp(logits - m[:, None]).sum(dim=-1), tgt])
+            stats = torch.stack([logits.sub_(m[:, None]).exp_().sum(dim=-1), tgt])  # in place: one fp32 buffer
             _all_reduce(stats, group)
             lse[s:e] = m + torch.log(stats[0])
             target[s:e] = stats[1]
@@ -94,11 +94,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         for s in range(0, n, ctx.chunk):
             e = min(s + ctx.chunk, n)
-            logits = (hidden[s:e] @ weight.t()).float()
-            grad = torch.exp(logits - lse[s:e, None])  # softmax
+            grad = (hidden[s:e] @ weight.t()).float().sub_(lse[s:e, None]).exp_()  # softmax, recomputed
             rows = torch.arange(e - s, device=grad.device)
             grad[rows, cols[s:e]] -= held[s:e].to(grad.dtype)
-            grad = (grad * grad_loss[s:e, None]).to(hidden.dtype)
+            grad = grad.mul_(grad_loss[s:e, None]).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[s:e] = grad @ weight
             if grad_weight is not None:

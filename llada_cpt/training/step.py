@@ -81,6 +81,9 @@ class StepLoss:
     logits: bool = False
     metric_names: Tuple[str, ...] = ()
     finalize: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None
+    # the loss reads the per-token CE only where loss_weight != 0: the chunked head (model.fused_cross_entropy)
+    # then computes just those positions (the masked ones in CPT) and reports 0 elsewhere
+    weighted_positions_only: bool = False
 
 
 def batch_to_device(batch: DiffusionBatch, device: torch.device) -> DiffusionBatch:
@@ -109,7 +112,7 @@ def _loss_func(batch: DiffusionBatch, token_loss: torch.Tensor):
     return total, count, {"loss_terms": report}
 
 
-ELBO_LOSS = StepLoss(make=lambda batch: partial(_loss_func, batch))
+ELBO_LOSS = StepLoss(make=lambda batch: partial(_loss_func, batch), weighted_positions_only=True)
 """The default: ``sum(w * CE) / eligible tokens`` (``diffusion/loss.py``)."""
 
 
@@ -154,7 +157,7 @@ def _noised_half_head(model: torch.nn.Module, enabled: bool):
 
 
 @contextlib.contextmanager
-def _fused_head(model: torch.nn.Module, enabled: bool):
+def _fused_head(model: torch.nn.Module, enabled: bool, rows: Optional[torch.Tensor] = None):
     """For one forward, compute the per-token CE from the head's input without materialised logits.
 
     Why: ``[S, b, V/tp]`` logits plus their fp32 copy in Megatron's cross entropy are the
@@ -162,9 +165,10 @@ def _fused_head(model: torch.nn.Module, enabled: bool):
     (after any pre-hook, e.g. :func:`_noised_half_head`) and keeps the weight it was given
     (the embedding's when tied); the model's ``compute_language_model_loss`` then runs
     :func:`~llada_cpt.kernels.linear_cross_entropy.linear_cross_entropy` (vocab-parallel,
-    chunked over tokens).  Same ``[b, S]`` per-token loss, same gradients.  Only with labels
-    (a :class:`StepLoss` with ``logits=True`` needs the logits) and without sequence
-    parallelism (``model.fused_cross_entropy``).
+    chunked over tokens).  Same ``[b, S]`` per-token loss, same gradients.  ``rows``: the
+    positions (flat ``[S, b]`` order) whose CE the loss reads; the others are not computed
+    and report 0.  Only with labels (a :class:`StepLoss` with ``logits=True`` needs the
+    logits) and without sequence parallelism (``model.fused_cross_entropy``).
     """
     module = unwrap(model)
     head = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
@@ -180,7 +184,14 @@ def _fused_head(model: torch.nn.Module, enabled: bool):
         return input_, None
 
     def loss_from_hidden(labels, hidden):  # labels [b, S], hidden [S, b, h]
-        return linear_cross_entropy(hidden, weights.pop(), labels.t(), tp_group).t().contiguous()
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels.t().reshape(-1)
+        if rows is None:
+            loss = linear_cross_entropy(flat, weights.pop(), targets, tp_group)
+        else:
+            picked = linear_cross_entropy(flat.index_select(0, rows), weights.pop(), targets.index_select(0, rows),
+                                          tp_group)
+            loss = picked.new_zeros(targets.shape).index_copy(0, rows, picked)
+        return loss.view(labels.shape[1], labels.shape[0]).t().contiguous()
 
     shadowed = module.__dict__.get("compute_language_model_loss")  # e.g. a profiler's wrapper
     head.forward = hidden_as_logits
@@ -197,11 +208,15 @@ def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
     # context parallelism: every CP rank holds the full micro-batch and keeps its positions
     batch = split_batch(next(data_iterator), parallel_state.get_context_parallel_world_size(),
                         parallel_state.get_context_parallel_rank())
-    batch = batch_to_device(batch, device)
     half = batch.layout.num_copies == 2 and head_on_noised_half(get_model_config(model))
-    view = noised_half(batch) if half else batch  # what the head's output lines up with
     fused = not loss.logits and getattr(unwrap(model), "fused_cross_entropy", False)
-    with _noised_half_head(model, half), _fused_head(model, fused):
+    rows = None
+    if fused and loss.weighted_positions_only:  # from the host copy: no device sync
+        weight = (noised_half(batch) if half else batch).loss_weight
+        rows = (weight != 0).t().reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+    batch = batch_to_device(batch, device)
+    view = noised_half(batch) if half else batch  # what the head's output lines up with
+    with _noised_half_head(model, half), _fused_head(model, fused, rows):
         output = model(
             batch.input_ids,
             batch.layout.position_ids(local=True),
