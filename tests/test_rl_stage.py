@@ -210,3 +210,16 @@ def test_rl_step_under_context_parallelism_equals_cp1(ppo_layouts):
         assert want["metrics"]["ratio"] == pytest.approx(1.0, abs=1e-6)
         scale = max(float(g.abs().max()) for g in want["grads"])
         assert scale > 0 and _max_diff(got["grads"], want["grads"]) <= 1e-5 * scale
+
+
+def test_rl_run_under_context_parallelism(tmp_path):
+    """Rollouts (every CP rank samples the same sequences), TraceRL rows split over CP=2, logged counts per
+    replica (not per rank)."""
+    save = tmp_path / "rl"
+    over = ["train.train_steps=1", "checkpoint.save_interval=1", "logging.eval_interval=0", "rl.max_new_tokens=8",
+            "rl.threshold=0.5", "train.lr=1e-4", "parallel.context_parallel_size=2", "train.global_batch_size=8"]
+    results = run_distributed(_train_rl, 2, str(save), over, timeout=500)
+    assert all(r["iteration"] == 1 for r in results)
+    (first,) = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["groups_kept"] == 2
+    assert math.isfinite(first["loss"]) and first["grad_norm"] > 0

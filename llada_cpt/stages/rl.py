@@ -245,7 +245,8 @@ class RLStage:
         # every rank moves the shared cursor by the largest number of prompts any rank drew
         stats = torch.tensor([counter[0], float(result.skip), result.stats.drawn, result.stats.kept,
                               result.stats.dropped], dtype=torch.float64)
-        totals = all_reduce_host(stats)
+        # the TP / CP ranks of a replica drew the same rollouts: counts are summed over data-parallel ranks
+        totals = all_reduce_host(stats, group=parallel_state.get_data_parallel_group())
         stats = all_reduce_host(stats, dist.ReduceOp.MAX)
         self.cursor += int(stats[0]) * run.dp_size
         info = {"groups_drawn": float(totals[2]), "groups_kept": float(totals[3]), "groups_dropped": float(totals[4])}
@@ -267,7 +268,7 @@ class RLStage:
         tokens = sum(s.generated_tokens for s in self._rollout_stats)
         vals[len(keys) + 3] += tokens
         vals[len(keys) + 4] += forwards
-        vals = all_reduce_host(vals)
+        vals = all_reduce_host(vals, group=parallel_state.get_data_parallel_group())
         n = max(float(vals[len(keys) + 2]), 1.0)
         mean = float(vals[0]) / n
         out = {"reward_mean": mean, "reward_std": math.sqrt(max(float(vals[len(keys)]) / n - mean ** 2, 0.0)),
