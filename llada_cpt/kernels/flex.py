@@ -17,7 +17,9 @@ no FlexAttention backward on CPU), which is what the CPU tests use.
 
 Benchmark knobs (environment, read at every call so that one process can
 compare them; defaults unchanged until measured, see :class:`FlexOptions`):
-``LLADA_FLEX_TILE`` (``128`` or ``128x64``: query x key tile),
+``LLADA_FLEX_TILE`` (``128`` or ``128x64``: query x key tile; on an H100 tiles
+under 128 need max-autotune, as torch's one default backward config there has
+128-key blocks),
 ``LLADA_FLEX_BLOCK_MASK`` (``closed_form`` or ``create_block_mask``: torch's
 builder, compiled on CUDA - the previous path), ``LLADA_FLEX_COMPILE_MODE``
 (a ``torch.compile`` mode such as ``max-autotune-no-cudagraphs``) and
