@@ -56,7 +56,7 @@ CAP_SUMS = ("sft_sum", "entropy_sum", "correct", "eligible", "masked")
 
 
 def _vocab_shard():
-    """``(TP group, first vocabulary index of this rank's shard)`` for logits ``[..., V/tp]``."""
+    """``(TP group, TP rank)``: rank ``r`` holds the vocabulary slice starting at ``r * V/tp`` of the logits."""
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
 
 
