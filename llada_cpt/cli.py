@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from .errors import UserError
+from .errors import UserError, find_disk_full
 
 COMMANDS = {
     "train": ("llada_cpt.stages.cpt", "block-diffusion continual pre-training (CPT)"),
@@ -24,6 +24,7 @@ COMMANDS = {
     "convert": ("llada_cpt.convert.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "generate": ("llada_cpt.inference.cli", "block-diffusion sampling"),
     "eval": ("llada_cpt.inference.evaluate", "validation perplexity and answer accuracy"),
+    "checkpoint": ("llada_cpt.checkpoint_verify", "`checkpoint verify PATH`: is a checkpoint (or a run's) complete?"),
     "lm-eval": ("llada_cpt.inference.harness_cli", "lm-evaluation-harness tasks on a checkpoint ([eval] extra)"),
 }
 
@@ -33,6 +34,10 @@ def _usage() -> str:
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `llada-cpt <command> --help` for the options of one command."]
     return "\n".join(lines)
+
+
+def _disk_full_line(reason: str) -> str:
+    return f"disk full ({reason}); free space and run the command again"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -54,8 +59,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # offline tools leave nothing partial behind (temporary outputs are removed)
         print(f"llada-cpt {name}: interrupted", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
-    except UserError as err:
-        line = f"llada-cpt {name}: error: {err}"
+    except Exception as err:  # noqa: BLE001 - user errors and a full disk become one line, the rest re-raises
+        full = find_disk_full(err)
+        if not isinstance(err, UserError) and full is None:
+            raise
+        line = f"llada-cpt {name}: error: {err if isinstance(err, UserError) else _disk_full_line(full)}"
         from .stages.launcher import report_error
 
         if not report_error(line):  # in a rank of `--nproc` / launch/*.sh the launcher prints it once

@@ -44,10 +44,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import yaml
 
+from .arg_types import int_range
 from .checkpoint_io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes,
                             write_order, write_torch_dist)
 from .checkpoint_raw import weighted_sum
-from .errors import UserError
+from .errors import UserError, reraise_disk_full
 from . import checkpoint_paths as ckpt
 
 __all__ = [
@@ -460,8 +461,11 @@ def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = Tr
         if out.exists():  # appeared while we were writing
             raise MergeError(f"output `{out}` appeared during the merge; nothing was written to it")
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        reraise_disk_full(err, f"writing the merged checkpoint in {out.parent}",
+                          f"removed the partial output, nothing was written to {out}; free space and run the "
+                          "merge again")
         raise
     finally:
         torch.set_num_threads(intra_op)
@@ -511,14 +515,14 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="run directory (checkpoint.save_dir) whose iter_* checkpoints are ranked")
     src.add_argument("--ckpts", nargs="+", metavar="CKPT", help="explicit iter_* or run directories")
-    p.add_argument("--top-k", type=int, help="number of best checkpoints to average (with --run-dir)")
+    p.add_argument("--top-k", type=int_range(1), help="number of best checkpoints to average (with --run-dir)")
     p.add_argument("--metric", default=DEFAULT_METRIC, help="metrics.json field to rank by (default: val_ppl)")
     p.add_argument("--mode", choices=("min", "max"), default="min", help="min: lower is better (default)")
     p.add_argument("--weights", nargs="+", type=float,
                    help="one weight per checkpoint (rank order with --top-k), normalised to sum 1")
     p.add_argument("--out", help="new run directory for the merged checkpoint (must not exist)")
     p.add_argument("--dry-run", action="store_true", help="print the selection and checks; write nothing")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=int_range(1), default=DEFAULT_THREADS,
                    help=f"worker threads sharing each region (default {DEFAULT_THREADS}); faster on idle "
                         "multi-core machines, memory grows only by a few MB per thread")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -540,8 +544,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sel = select_explicit(args.ckpts, args.weights, args.metric)
         print(f"merge: {len(sel.chosen)} given checkpoints:")
     print(sel.describe())
-    if args.threads < 1:
-        raise MergeError(f"--threads must be >= 1, got {args.threads}")
     if args.out is None and not args.dry_run:
         raise MergeError("--out is required (a new run directory for the merged checkpoint)")
     if args.out is not None:

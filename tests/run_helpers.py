@@ -32,6 +32,18 @@ def cli(*args: str) -> List[str]:
     return [sys.executable, "-m", "llada_cpt.cli", *args]
 
 
+def file_size_limited(argv: Sequence[str], limit: int) -> List[str]:
+    """``argv`` (a Python command) run under ``RLIMIT_FSIZE=limit`` bytes: a "full disk" for every file it writes.
+
+    A write past the limit fails with EFBIG (Python ignores SIGXFSZ), the error a full disk gives
+    as ENOSPC; no mount or privileges needed.
+    """
+    assert argv[0] == sys.executable
+    wrapper = ("import os, resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+    return [sys.executable, "-c", wrapper, str(limit), *argv[1:]]
+
+
 def env(**extra: str) -> Dict[str, str]:
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     out.update(extra)

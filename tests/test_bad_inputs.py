@@ -7,6 +7,7 @@ line (the launcher prints it once), not as two ranks' messages plus torchrun's r
 """
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -110,6 +111,61 @@ CASES = [
     Case("merge run dir missing",
          lambda t, d, s: cli("merge", "--run-dir", str(t / "norun"), "--top-k", "2", "--out", str(t / "merged")),
          "merge", ("norun", "does not exist"), lambda t: [t / "merged"]),
+    # --- numeric ranges (issue 19): config fields are validated before any rank starts, options at parsing;
+    #     0 is a value, never "not given"
+    Case("negative learning rate", lambda t, d, s: train(t, "--nproc", "2", "train.lr=-1e-3"), "train",
+         ("train.lr=-0.001 is out of range", "must be > 0")),
+    Case("--nproc 0", lambda t, d, s: train(t, "--nproc", "0"), "train", ("argument --nproc", "must be >= 1, got 0")),
+    Case("min_lr above lr", lambda t, d, s: train(t, "train.lr=1e-4", "train.min_lr=1e-3"), "train",
+         ("train.min_lr=0.001 is above train.lr=0.0001",)),
+    Case("NaN minimum learning rate", lambda t, d, s: train(t, "train.min_lr=.nan"), "train",
+         ("train.min_lr=nan is out of range", "must be >= 0")),
+    Case("zero log interval", lambda t, d, s: train(t, "logging.log_interval=0"), "train",
+         ("logging.log_interval=0 is out of range", "must be >= 1")),
+    Case("negative save interval", lambda t, d, s: train(t, "checkpoint.save_interval=-2"), "train",
+         ("checkpoint.save_interval=-2 is out of range", "must be >= 0")),
+    Case("zero train steps", lambda t, d, s: train(t, "train.train_steps=0"), "train",
+         ("train.train_steps=0 is out of range",)),
+    Case("adam beta2 of 1", lambda t, d, s: train(t, "train.adam_beta2=1.0"), "train",
+         ("train.adam_beta2=1.0 is out of range", "in [0, 1)")),
+    Case("zero WSD decay steps", lambda t, d, s: train(t, "train.lr_decay_style=WSD", "train.lr_wsd_decay_steps=0"),
+         "train", ("train.lr_wsd_decay_steps=0 is out of range", "(or unset)")),
+    Case("zero-length WSD phase", lambda t, d, s: train(t, "diffusion.block_schedule=[[4,0],[8,1]]"), "train",
+         ("diffusion.block_schedule[0]: phase length 0 must be >= 1 steps",)),
+    Case("RL top-p and temperature", lambda t, d, s: cli("rl", "-c", "tiny_rl", "rl.top_p=0", "rl.temperature=-1",
+                                                         f"checkpoint.save_dir={t / 'ck'}"),
+         "rl", ("2 problems in the config",)),
+    Case("RL group of one", lambda t, d, s: cli("rl", "-c", "tiny_rl", "rl.group_size=1", f"checkpoint.save_dir={t / 'ck'}"),
+         "rl", ("rl.group_size=1 is out of range", "must be >= 2")),
+    Case("config file that is not text", lambda t, d, s: train(t, "-c", corpus_file(t, "cfg.yaml", b"\xff\xfe\x00bin")),
+         "train", ("config file", "cfg.yaml", "cannot be read")),
+    Case("generate --block-size 0", lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x", "--block-size", "0"),
+         "generate", ("argument --block-size", "must be >= 1, got 0")),
+    Case("generate --top-k -1", lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x", "--top-k", "-1"),
+         "generate", ("argument --top-k", "must be >= 0, got -1")),
+    Case("generate --top-p 0", lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x", "--top-p", "0"),
+         "generate", ("argument --top-p", "must be in (0, 1], got 0")),
+    Case("generate --temperature nan", lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x",
+                                                           "--temperature", "nan"),
+         "generate", ("argument --temperature", "got nan")),
+    Case("eval --max-samples 0", lambda t, d, s: cli("eval", "--ckpt", str(t), "--max-samples", "0"),
+         "eval", ("argument --max-samples", "must be >= 1, got 0")),
+    Case("merge --top-k 0", lambda t, d, s: cli("merge", "--run-dir", str(t), "--top-k", "0", "--out", str(t / "merged")),
+         "merge", ("argument --top-k", "must be >= 1, got 0"), lambda t: [t / "merged"]),
+    Case("convert import --tp 0", lambda t, d, s: cli("convert", "import", "--hf", str(t), "--out", str(t / "conv"),
+                                                      "--tp", "0"),
+         "convert import", ("argument --tp", "must be >= 1, got 0"), lambda t: [t / "conv"]),
+    Case("preprocess --workers 0", lambda t, d, s: cli("preprocess", "--input", "x.jsonl", "--tokenizer", "t.model",
+                                                       "--output-prefix", str(t / "out" / "ds"), "--workers", "0"),
+         "preprocess", ("argument --workers", "must be >= 1, got 0"), preprocess_outputs),
+    # --- file readers name the file
+    Case("preprocess input that is not gzip",
+         lambda t, d, s: preprocess(t, [corpus_file(t, "corpus.jsonl.gz", b'{"text": "x = 1"}\n')], d.tokenizer_path),
+         "preprocess", ("corpus.jsonl.gz is not a valid gzip file", "nothing written"), preprocess_outputs),
+    Case("preprocess input that is truncated gzip",
+         lambda t, d, s: preprocess(t, [corpus_file(t, "cut.txt.gz", gzip.compress(b"x = 1\n" * 1000)[:40])],
+                                    d.tokenizer_path),
+         "preprocess", ("cut.txt.gz is not a valid gzip file",), preprocess_outputs),
 ]
 
 

@@ -139,6 +139,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file `{p}` is not valid YAML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file `{p}` cannot be read ({err}); pass a YAML text file with -c") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file `{p}` must hold a mapping of sections at the top level")
     return config_from_dict(_merge(data, parse_overrides(overrides)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import ConfigError
+from .ranges import range_problems
 from .schema import Config
 
 BACKENDS = ("reference", "flex", "cudnn", "te", "auto")
@@ -78,6 +79,7 @@ def _problems(cfg: Config, world_size: Optional[int]) -> list[str]:
     for name, v in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep)):
         if v < 1:
             out.append(f"parallel.{name}_model_parallel_size must be >= 1, got {v}")
+    out += range_problems(cfg)  # before the cross-field checks, which divide by these numbers
     if out:
         return out
     groups = m.num_query_groups or m.num_attention_heads

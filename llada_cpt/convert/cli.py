@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..arg_types import int_range
 from ..config.schema import ParallelConfig
-from .errors import ConvertError
 
 __all__ = ["main", "build_parser"]
 
@@ -33,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
     imp.add_argument("--out", required=True, help="new run directory to create")
     imp.add_argument("--tokenizer", help="tokenizer file or directory (default: the one in --hf)")
-    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target run")
-    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the target run")
-    imp.add_argument("--ep", type=int, default=1, help="expert-parallel size of the target run")
-    imp.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default TP x PP x EP)")
-    imp.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    imp.add_argument("--tp", type=int_range(1), default=1, help="tensor-parallel size of the target run")
+    imp.add_argument("--pp", type=int_range(1), default=1, help="pipeline-parallel size of the target run")
+    imp.add_argument("--ep", type=int_range(1), default=1, help="expert-parallel size of the target run")
+    imp.add_argument("--nproc", type=int_range(1), default=None, help="local ranks to launch (default TP x PP x EP)")
+    imp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     exp = sub.add_parser("export", help="llada-cpt checkpoint -> Hugging Face directory")
     exp.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or iter_* directory")
     exp.add_argument("--out", required=True, help="new Hugging Face directory to create")
@@ -53,9 +53,7 @@ def _import(args, argv: Sequence[str]) -> int:
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               expert_model_parallel_size=args.ep)
     launched = int(os.environ.get("WORLD_SIZE", "0")) or None
-    nproc = launched or args.nproc or args.tp * args.pp * args.ep
-    if nproc < 1:
-        raise ConvertError(f"--nproc {nproc} must be >= 1")
+    nproc = launched or (args.tp * args.pp * args.ep if args.nproc is None else args.nproc)
     plan = plan_import(args.hf, args.out, parallel, args.precision, args.tokenizer, world_size=nproc)
     if launched is None and nproc > 1:
         from ..stages.launcher import run_elastic, without_nproc

@@ -27,6 +27,7 @@ import yaml
 
 from ..config.loader import config_from_dict
 from ..config.schema import Config, ParallelConfig
+from ..errors import reraise_disk_full
 from .errors import ConvertError, ConvertInputMissing
 from .hf_import import TEMPLATE_DIR, TOKENIZER_DIR, check_output_path, ensure_layout, publish_permissions
 from .mapping import Architecture, canonical_name, hf_config_from_model, hf_tensor_names, model_slots, to_hf
@@ -163,8 +164,11 @@ def export_hf(plan: ExportPlan, seed: int = 1234) -> Path:
             raise ConvertError(f"output `{plan.out}` appeared during the export; nothing was overwritten")
         publish_permissions(tmp)
         os.replace(tmp, plan.out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        reraise_disk_full(err, f"writing the Hugging Face model in {plan.out.parent}",
+                          f"removed the partial output, nothing was written to {plan.out}; free space and run "
+                          "the export again")
         raise
     return plan.out
 

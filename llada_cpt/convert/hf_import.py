@@ -42,6 +42,7 @@ from typing import List, Optional
 import torch
 
 from ..config.schema import Config, DataConfig, DiffusionConfig, ModelConfig, ParallelConfig, TrainConfig
+from ..errors import reraise_disk_full
 from .errors import ConvertError
 from .mapping import (Architecture, canonical_name, hf_tensor_names, is_expert_param, model_config_from_hf,
                       model_slots, to_megatron, tp_shard)
@@ -288,9 +289,11 @@ def import_hf(plan: ImportPlan, seed: int = 1234) -> Path:
             publish_permissions(tmp)
             os.replace(tmp, plan.out)
         dist.barrier()
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # (any rank: one that failed alone may be the only one left)
+        reraise_disk_full(err, f"writing the converted checkpoint in {plan.out.parent}",
+                          f"removed the partial output, nothing was written to {plan.out}; free space and run "
+                          "the conversion again")
         raise
     return plan.out
 

@@ -20,19 +20,22 @@ partial dataset behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
 import sys
 import time
 import warnings
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, IO, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import DataError
+from ..arg_types import int_range
+from ..errors import DataError, reraise_disk_full
 from .records import read_json_if_present
 from .tokenizer import Tokenizer
 
@@ -103,14 +106,24 @@ def _is_jsonl(path: str) -> bool:
     return name.lower().endswith(JSONL_SUFFIXES)
 
 
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Turn what reading ``path`` raises (not gzip, truncated, unreadable) into one error naming it."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as err:
+        what = "is not a valid gzip file" if path.endswith(".gz") else "cannot be read"
+        raise DataError(f"input file {path} {what} ({err}); fix or remove it from --input, nothing written") from None
+
+
 def _jsonl_items(path: str) -> Iterator[_Item]:
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         for line_no, line in enumerate(f, 1):
             yield ("json", f"{path}:{line_no}", line, len(line))
 
 
 def _text_items(path: str, split_paragraphs: bool) -> Iterator[_Item]:
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
@@ -312,10 +325,12 @@ def _build(
             json.dump(meta, f, indent=2)
         for ext in (".bin", ".idx", META_SUFFIX):  # metadata last: its presence means "complete"
             os.replace(temps[ext], finals[ext])
-    except BaseException:
+    except BaseException as err:
         for path in temps.values():
             if os.path.exists(path):
                 os.remove(path)
+        reraise_disk_full(err, f"writing the dataset {output_prefix}", "removed the partial files, nothing was "
+                          "written; free space and run preprocess again")
         raise
     return summary
 
@@ -404,7 +419,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int_range(1), default=min(4, os.cpu_count() or 1),
                    help="tokenizer processes (default: min(4, CPUs))")
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                    help="end every document with the EOD token (default: on; packing needs it)")
@@ -417,8 +432,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.workers < 1:
-        raise DataError(f"--workers must be >= 1, got {args.workers}")
     paths = _check_inputs(args.input)  # before loading the tokenizer: cheap errors first
     tok = Tokenizer.from_file(args.tokenizer, eod_token=args.eod_token)
     summary = preprocess(paths, tok, args.output_prefix, text_key=args.text_key, workers=args.workers,

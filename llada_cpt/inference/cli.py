@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..arg_types import float_range, int_range
 from ..errors import ConfigError, DataError
 from .prompts import CHAT_TEMPLATES, default_template, encode_record, read_records
 from .sampler import GenerationBatch, GenerationResult, GenerationStats, SamplerConfig, check_prompts, token_budget
@@ -37,28 +38,28 @@ def add_sampler_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128)
     p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or iter_* checkpoint directory")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default=None,
                    help="prompt wrapping; default: raw for a CPT checkpoint, auto otherwise")
-    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's trained block size")
-    p.add_argument("--threshold", type=float, default=0.95, help="commit positions more confident than this")
-    p.add_argument("--min-tokens-per-step", type=int, default=1, help="low-confidence fallback: commit at least k")
-    p.add_argument("--max-steps-per-block", type=int, default=None, help="then commit the rest (default: B)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together per replica")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int_range(1), default=None, help="default: the checkpoint's trained block size")
+    p.add_argument("--threshold", type=float_range(0), default=0.95, help="commit positions more confident than this")
+    p.add_argument("--min-tokens-per-step", type=int_range(1), default=1, help="low-confidence fallback: commit at least k")
+    p.add_argument("--max-steps-per-block", type=int_range(1), default=None, help="then commit the rest (default: B)")
+    p.add_argument("--temperature", type=float_range(0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0)
+    p.add_argument("--top-k", type=int_range(0), default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int_range(1), default=max_new_tokens)
+    p.add_argument("--batch-size", type=int_range(1), default=8, help="sequences decoded together per replica")
+    p.add_argument("--seed", type=int_range(0), default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow; reference)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (needs --nproc N, a multiple of it)")
-    p.add_argument("--nproc", type=int, default=None, help="launch N local processes")
+    p.add_argument("--tp", type=int_range(1), default=1, help="tensor-parallel size (needs --nproc N, a multiple of it)")
+    p.add_argument("--nproc", type=int_range(1), default=None, help="launch N local processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def sampler_config(args: argparse.Namespace, info) -> SamplerConfig:
     """Decoding settings from the options; ids, vocabulary and context from the checkpoint ``info``."""
     cfg = SamplerConfig(
-        block_size=args.block_size or info.trained_block_size, threshold=args.threshold,
+        block_size=info.trained_block_size if args.block_size is None else args.block_size, threshold=args.threshold,
         min_tokens_per_step=args.min_tokens_per_step, max_steps_per_block=args.max_steps_per_block,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         use_cache=not args.no_cache, batch_size=args.batch_size, seed=args.seed, mask_id=info.mask_id,
@@ -78,7 +79,7 @@ def relaunch(command: str, argv: Sequence[str], args: argparse.Namespace) -> Opt
         if world % args.tp:
             raise ConfigError(f"{world} processes cannot hold replicas of --tp {args.tp}; use a multiple of it")
         return None
-    if not args.nproc or args.nproc == 1:
+    if args.nproc is None or args.nproc == 1:
         if args.tp > 1:
             raise ConfigError(f"--tp {args.tp} needs {args.tp} processes; add --nproc {args.tp}")
         return None

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..arg_types import int_range
 from ..errors import ConfigError, DataError
 from .cli import (is_rank0, add_sampler_arguments, check_output_path, generate_distributed, relaunch,
                   sampler_config, warn_settings, write_jsonl)
@@ -37,12 +38,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", default=None,
                    help="indexed dataset prefix(es) for validation loss (default: the run's validation data)")
     p.add_argument("--math", default=None, help="JSONL of {question, ground_truth_answer}: answer accuracy")
-    p.add_argument("--seq-length", type=int, default=None, help="default: the run's data.seq_length")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--max-samples", type=int, default=64, help="packed sequences evaluated (loss)")
-    p.add_argument("--mc-samples", type=int, default=1, help="noise draws per sequence (loss)")
+    p.add_argument("--seq-length", type=int_range(1), default=None, help="default: the run's data.seq_length")
+    p.add_argument("--micro-batch-size", type=int_range(1), default=4)
+    p.add_argument("--max-samples", type=int_range(1), default=64, help="packed sequences evaluated (loss)")
+    p.add_argument("--mc-samples", type=int_range(1), default=1, help="noise draws per sequence (loss)")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="appended to each question ('' for none)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--limit", type=int_range(1), default=None, help="first N questions only")
     p.add_argument("--output", default=None, help="--math: JSONL with each question's completion and verdict")
     add_sampler_arguments(p, max_new_tokens=256)
     args = p.parse_args(list(argv))
@@ -125,8 +126,8 @@ def _run_loss(args, info) -> None:
     from .engine import block_size_warning, load_model_for_inference
 
     cfg = info.config
-    block = args.block_size or info.trained_block_size
-    L = args.seq_length or cfg.data.seq_length
+    block = info.trained_block_size if args.block_size is None else args.block_size
+    L = cfg.data.seq_length if args.seq_length is None else args.seq_length
     prefixes = _eval_prefixes(args, cfg)
     warning = block_size_warning(info, block)
     if warning and is_rank0():

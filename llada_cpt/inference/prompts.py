@@ -33,21 +33,24 @@ def read_records(path: str | Path, required: tuple = ()) -> List[dict]:
     if not p.is_file():
         raise DataError(f"input file `{p}` does not exist; pass a JSONL file with one object per line")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{p}:{n}: not valid JSON ({err.msg}); write one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise DataError(f"{p}:{n}: missing field(s) {', '.join(repr(k) for k in missing)}")
-            rec["_line"] = n
-            records.append(rec)
+    try:
+        lines = p.read_text(encoding="utf-8").split("\n")  # (not splitlines: JSON text may hold U+2028)
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"input file `{p}` cannot be read ({err}); pass a UTF-8 JSONL file") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p}:{n}: not valid JSON ({err.msg}); write one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise DataError(f"{p}:{n}: missing field(s) {', '.join(repr(k) for k in missing)}")
+        rec["_line"] = n
+        records.append(rec)
     if not records:
         raise DataError(f"input file `{p}` holds no records")
     return records

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..arg_types import int_range
 from ..config import dump_config, load_config, validate
 from ..config.schema import Config
 from ..training.signals import EXIT_REQUEUE, SIGNALS, STOP_FILE_ENV
@@ -64,7 +65,7 @@ def parse(argv: Sequence[str], stage: str, command: Optional[str] = None) -> tup
     p.add_argument("-c", "--config", help="YAML config file, or the name of a shipped recipe (tiny_cpu, qwen3_dense_cpt, ...; see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.lr=1e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
-    p.add_argument("--nproc", type=int, default=None, help="launch N local processes (like torchrun --standalone)")
+    p.add_argument("--nproc", type=int_range(1), default=None, help="launch N local processes (like torchrun --standalone)")
     args = p.parse_intermixed_args(list(argv))
     cfg = load_config(args.config, args.overrides)
     cfg.stage = stage
@@ -202,7 +203,7 @@ def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, mak
         validate(cfg, world_size=world or args.nproc)
         print(dump_config(cfg), end="")
         return 0
-    if args.nproc and world is None:
+    if args.nproc is not None and world is None:
         validate(cfg, world_size=args.nproc)
         rest = without_nproc(argv)  # the ranks run the command itself
         return run_elastic(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "llada_cpt.cli", command, *rest],

@@ -16,10 +16,13 @@ TP/PP/DP/EP layout loads into another.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -28,8 +31,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from ..checkpoint_verify import damaged, require_complete
 from ..config.loader import dump_config
-from ..errors import UserError
+from ..errors import UserError, reraise_disk_full
 from ..parallel.expert_checkpoint import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
 from ..checkpoint_paths import (LATEST, checkpoint_name, latest_checkpoint, list_checkpoints,  # noqa: F401
                                 read_metrics, resolve_checkpoint)
@@ -89,6 +93,39 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _disk_full_stops_cleanly(root: Path, tmp: Path):
+    """A save that runs out of space: remove its partial directory and stop with one line.
+
+    Any rank that sees the error removes ``tmp`` (the others may be killed by the
+    launcher before they get there); ``latest`` was not touched yet.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # DCP's CheckpointException (a BaseException) wraps the OSError, or its text
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint_name(root)
+        keep = f"`latest` still names {previous}" if previous else "there is no earlier checkpoint"
+        reraise_disk_full(err, f"saving checkpoint {tmp.name[:-4]} in {root}",
+                          f"removed the partial {tmp.name}, {keep}; free space and run the same command again "
+                          "to resume from it")
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict) and _rank() not in failures:
+            # DCP's collective write check: the cause is another rank's, whose one line the launcher
+            # prints; give it the time to get there first (the launcher then stops this rank)
+            time.sleep(5)
+            raise UserError(f"saving checkpoint {tmp.name[:-4]} in {root} failed on another rank (its message "
+                            f"says why); removed the partial {tmp.name}, {keep}") from err
+        raise
+
+
+def latest_checkpoint_name(save_dir: Path) -> Optional[str]:
+    pointer = Path(save_dir) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
 def save_checkpoint(
     save_dir: str | Path,
     iteration: int,
@@ -114,15 +151,17 @@ def save_checkpoint(
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, is_loading=False)
     sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sharded["state"] = state
-    dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    with _disk_full_stops_cleanly(root, tmp):
+        dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        (tmp / "config.yaml").write_text(dump_config(config))
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / "metrics.json").write_text(json.dumps(
-            {"iteration": iteration, "world_size": world, **(metrics or {})}, indent=2, sort_keys=True))
+        with _disk_full_stops_cleanly(root, tmp):
+            (tmp / "config.yaml").write_text(dump_config(config))
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (tmp / "metrics.json").write_text(json.dumps(
+                {"iteration": iteration, "world_size": world, **(metrics or {})}, indent=2, sort_keys=True))
         if final.exists():  # re-reaching an iteration after resuming from an older one
             old = root / (final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -148,10 +187,14 @@ def load_checkpoint(
     if not (path / "metadata.json").is_file():
         raise UserError(f"`{path}` is not a Megatron dist checkpoint (no metadata.json); pass an iter_* "
                         "directory or a run directory with a `latest` file")
+    require_complete(path, resume=optimizer is not None)  # one line naming the checkpoint, not an EOFError per rank
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path))  # also returns the common (non-sharded) items
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))  # also returns the common (non-sharded) items
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise damaged(path, err) from err
     chunks = [unwrap(m) for m in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"])
@@ -166,7 +209,11 @@ def load_checkpoint(
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if restore_rng and rng_file.is_file() and read_metrics(path).get("world_size") == world:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as err:
+            raise damaged(path, err) from err
+        _set_rng_state(rng)
     return dict(loaded.get("state") or {})
 
 
@@ -187,6 +234,7 @@ def check_vocab(path: str | Path, vocab_size: int) -> None:
 
     import yaml
 
+    require_complete(path)
     meta = dist_checkpointing.load_tensors_metadata(str(path))
     tensor = meta.get(EMBEDDING_KEY)
     if tensor is None:  # not a GPT checkpoint of ours (nothing to compare)

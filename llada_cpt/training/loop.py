@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..checkpoint_verify import require_complete
 from ..config.schema import Config
 from ..config.validation import validate
 from ..diffusion.inputs import DiffusionBatch
@@ -101,6 +102,9 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     if resolve is not None:  # values from train.init_from enter the config before it is validated (and saved)
         resolve(cfg)
     validate(cfg, world_size=world)
+    resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
+    if resume is not None:  # a damaged checkpoint fails here, in a second, not after building the model
+        require_complete(resume, resume=True)
     initialize(cfg.parallel, seed=cfg.train.seed)
     vocab_size, mask_id = stage.prepare(cfg)
     # converted HF models may carry more embedding rows than the tokenizer has tokens (Qwen)
@@ -127,7 +131,6 @@ def build_run(cfg: Config, stage: Stage) -> Run:
         run.embedding_noise = EmbeddingNoise(cfg.diffusion, mask_id, cfg.train.seed, dp_rank)
         for chunk in chunks:
             run.embedding_noise.attach(unwrap(chunk))
-    resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:
         ckpt.check_vocab(resume, vocab_size)
         state = ckpt.load_checkpoint(resume, chunks, optimizer, scheduler)
