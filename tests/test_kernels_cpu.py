@@ -344,6 +344,9 @@ def test_attention_rope_once_per_layout_equals_eager_per_layer(monkeypatch, dtyp
     other = AttentionLayout(doc_ids=_doc_ids(16), block_size=4)
     layers[0](query, key, value, other)
     assert len(calls) == 2  # a new micro-batch's layout: new tables
+    monkeypatch.setenv("LLADA_ROPE_CACHE", "0")  # the benchmark's baseline: per-layer recomputation
+    assert torch.equal(layers[1](query, key, value, layout), got)
+    assert len(calls) == 3
 
 
 def test_attention_rejects_a_layout_of_other_length():

@@ -11,7 +11,8 @@ Every layer of a step rotates by the same positions, so :func:`rotary_tables`
 computes ``cos``/``sin`` once per layout (through a per-layout cache, in the
 activation dtype) and :func:`rotate_qk` applies them to q and k in one
 compiled kernel each on CUDA (``LLADA_ROPE_COMPILE=0`` turns that off), eagerly
-elsewhere.  The compiled kernel computes in float32 and rounds once, so on
+elsewhere.  ``LLADA_ROPE_CACHE=0`` recomputes the tables in every layer (both
+switches are read at every call, so a benchmark can compare in one process).  The compiled kernel computes in float32 and rounds once, so on
 CUDA it differs from the eager bf16 chain by rounding only.
 """
 from __future__ import annotations
@@ -112,6 +113,8 @@ def rotary_tables(layout: AttentionLayout, local: bool, head_dim: int, base: flo
         cos, sin = rotary_cos_sin(layout.position_ids(local=local).to(device), head_dim, base, scaling)
         return cos.to(dtype), sin.to(dtype)
 
+    if os.environ.get("LLADA_ROPE_CACHE", "1") == "0":  # per-layer recomputation, to measure the saving
+        return build()
     key = ("rope", bool(local), int(head_dim), float(base), scaling, str(device), dtype)
     return ROTARY_CACHE.get(layout, key, build)
 
