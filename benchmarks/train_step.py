@@ -461,6 +461,9 @@ def markdown(env: dict, args, meta: dict, rows: list[Row]) -> str:
     for r in rows:
         if r.profile:
             lines += ["", *profile_table(r)]
+    if any(r.head == "chunked" or (r.head == "auto" and torch.cuda.is_available()) for r in rows):
+        lines += ["", "The chunked head computes the LM head only at masked x_t positions; FLOPs still count it over "
+                  "every x_t token (as the megatron head computes), so compare those rows by tokens/s."]
     lines += unavailable_notes(notes)
     return "\n".join(lines) + "\n"
 
