@@ -128,6 +128,30 @@ def parse_model_args(args: Dict[str, Any]) -> HarnessOptions:
     return opts
 
 
+class _TemplateSource:
+    """The checkpoint's tokenizer plus the chat template of its ``tokenizer_config.json``, when it has one.
+
+    Why: :mod:`llada_cpt.data.chat` renders ``tokenizer.chat_template`` (``auto``) but the
+    project's :class:`~llada_cpt.data.tokenizer.Tokenizer` does not carry it.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        import os
+
+        from ..data.records import read_json_if_present
+
+        self._tokenizer = tokenizer
+        path = os.path.join(os.path.dirname(str(tokenizer.path)), "tokenizer_config.json")
+        config = read_json_if_present(path, "fix or remove it") or {}
+        self.chat_template = config.get("chat_template")
+        for key in ("bos_token", "eos_token"):
+            value = config.get(key)
+            setattr(self, key, value.get("content") if isinstance(value, dict) else value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
 def _resolve_scoring(opts: HarnessOptions, info) -> str:
     if opts.scoring != "auto":
         return opts.scoring
@@ -183,11 +207,16 @@ class LladaLM(TemplateLM):
 
         try:
             messages = validate_messages(chat_history, need_assistant_last=False)
-            segments = render_segments(messages, self.tokenizer, self.opts.chat_template, loss_from=len(messages),
+            segments = render_segments(messages, _TemplateSource(self.tokenizer), self.opts.chat_template,
+                                       loss_from=len(messages),
                                        generation_prompt=add_generation_prompt)
         except ValueError as err:
             raise ConfigError(f"chat template `{self.opts.chat_template}`: {err}") from None
         return "".join(text for text, _ in segments)
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        """The template name the results record (``model_args chat_template``)."""
+        return self.opts.chat_template if chat_template else None
 
     def get_model_info(self) -> dict:
         return {"checkpoint": str(self.info.path), "block_size": self.block_size, "scoring": self.scoring,
@@ -255,7 +284,7 @@ class LladaLM(TemplateLM):
         layout.doc_ids = layout.doc_ids.to(dev)
         module = self.m.model
         with torch.no_grad(), _noised_half_head(module, layout.num_copies == 2):
-            logits = module(inp.to(dev), layout.position_ids(local=False), attention_mask=layout,
+            logits = module(inp.to(dev), layout.position_ids(local=False).to(dev), attention_mask=layout,
                             runtime_gather_output=True)
         logits = logits[..., : self.tokenizer.vocab_size].float()
         logits[..., info.mask_id] = float("-inf")  # the mask is never a prediction (as in the sampler)
