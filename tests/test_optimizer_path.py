@@ -13,6 +13,7 @@ on CPU here (torch has a CPU fused AdamW); on GPU it is the default.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 
 import pytest
@@ -133,3 +134,63 @@ def test_foreach_kernels_match_the_local_stand_ins():
     inplace = [t.clone() for t in ts]
     foreach_scale(0, None, [inplace, inplace], 0.5)
     assert all(torch.equal(x, t * 0.5) for x, t in zip(inplace, ts))
+
+
+def _resume_fused(rank: int, world: int, out: str) -> dict:
+    """DP=2, distributed optimizer, fused AdamW: a resumed run continues exactly like the unbroken one."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from llada_cpt.megatron_patches import torch_optimizer
+    from llada_cpt.model.provider import build_model
+    from llada_cpt.training.distributed import initialize, wrap_ddp
+    from llada_cpt.training.optimizer import build_optimizer
+    from llada_cpt.training.step import forward_backward
+
+    parallel = LAYOUTS["dp2_distributed_optimizer"]
+    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+    def build():
+        initialize(parallel, seed=42)
+        cfg = Config()
+        cfg.parallel, cfg.train.lr, cfg.train.clip_grad = parallel, LR, CLIPS["triggered"]
+        (model,) = build_model(ModelConfig(**MODEL), parallel, "fp32", vocab_size=VOCAB)
+        ddp = wrap_ddp([model], parallel)
+        return model, ddp, build_optimizer(cfg, ddp, bf16=False, fused=True)
+
+    def train(ddp, opt, steps):
+        dp = parallel_state.get_data_parallel_rank()
+        losses = []
+        for step in steps:
+            losses.append(forward_backward(ddp, _batches(dp, 2, step)).loss)
+            opt.step()
+        return losses
+
+    model, ddp, opt = build()
+    unbroken = train(ddp, opt, range(2))
+    state = {"model": model.sharded_state_dict()}
+    state["optimizer"] = opt.sharded_state_dict(state["model"], metadata=meta)
+    if dist.get_rank() == 0:
+        os.makedirs(f"{out}/ckpt")
+    dist.barrier()
+    dist_checkpointing.save(state, f"{out}/ckpt")
+    unbroken += train(ddp, opt, range(2, 4))
+
+    model, ddp, opt = build()
+    state = {"model": model.sharded_state_dict()}
+    state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=True, metadata=meta)
+    loaded = dist_checkpointing.load(state, f"{out}/ckpt")
+    model.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    inner = list(torch_optimizer.inner_torch_optimizers(opt))
+    fused = all(g["fused"] for o in inner for g in o.param_groups)
+    steps = {float(s["step"]) for o in inner for s in o.state.values()}
+    shared = len({id(s["step"]) for o in inner for s in o.state.values()}) < sum(len(o.state) for o in inner)
+    resumed = train(ddp, opt, range(2, 4))
+    return {"unbroken": unbroken[2:], "resumed": resumed, "fused": fused, "steps": steps, "shared": shared}
+
+
+def test_fused_adamw_resumes_exactly(tmp_path):
+    for res in run_distributed(_resume_fused, 2, str(tmp_path)):
+        assert res["fused"] and res["steps"] == {2.0} and not res["shared"]
+        assert res["resumed"] == res["unbroken"]
