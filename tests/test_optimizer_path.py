@@ -194,3 +194,37 @@ def test_fused_adamw_resumes_exactly(tmp_path):
     for res in run_distributed(_resume_fused, 2, str(tmp_path)):
         assert res["fused"] and res["steps"] == {2.0} and not res["shared"]
         assert res["resumed"] == res["unbroken"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_on_cuda_matches_default_and_survives_a_cpu_state_dict():
+    """On the GPU: fused AdamW equals torch's default after 3 steps; loading a state saved by a non-fused
+    optimizer (step on the host) keeps it fused, with step tensors on the device."""
+    from types import SimpleNamespace
+
+    from llada_cpt.megatron_patches.torch_optimizer import use_fused_adamw
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(256, 64, device="cuda", generator=g), torch.randn(64, device="cuda", generator=g)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(STEPS)]
+
+    def run(fused: bool):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+        if fused:
+            assert use_fused_adamw(SimpleNamespace(optimizer=opt)) == 1
+        for step in range(STEPS):
+            for p, gr in zip(params, grads[step]):
+                p.grad = gr.clone()
+            opt.step()
+        return params, opt
+
+    plain, plain_opt = run(False)
+    fused, fused_opt = run(True)
+    for a, b in zip(plain, fused):
+        assert float((a - b).norm() / a.norm()) <= 1e-6
+    fused_opt.load_state_dict(plain_opt.state_dict())  # steps on the host, groups say fused=None
+    assert all(gr["fused"] for gr in fused_opt.param_groups)
+    assert all(s["step"].device.type == "cuda" for s in fused_opt.state.values())
+    fused_opt.step()
