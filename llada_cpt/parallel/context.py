@@ -59,6 +59,9 @@ __all__ = [
 _MAX_SWAPS = 256
 """Swaps per split; bounds the time of pathological layouts (a few are typical)."""
 
+_GOOD_ENOUGH = 1.01
+"""Busiest / mean at which LPT's split is kept without trying differencing (saves a few ms)."""
+
 SEARCH_ABOVE = 1.05
 """Busiest / mean above which the heuristics' split is improved by an exhaustive search (the goal)."""
 
@@ -157,9 +160,12 @@ def _best_swap(g: _Units, a: int, loads: np.ndarray):
     return best
 
 
-def _refine(groups: list[_Units], loads: np.ndarray) -> None:
-    """Swap same-size units between the most loaded rank and another while the maximum drops."""
+def _refine(groups: list[_Units], loads: np.ndarray, floor: int = 0) -> None:
+    """Swap same-size units between the most loaded rank and another while the maximum drops
+    (and is above ``floor``, a lower bound: nothing to gain there)."""
     for _ in range(_MAX_SWAPS):
+        if loads.max() <= floor:
+            return
         a = int(np.argmax(loads))
         found = None
         for g in groups:
@@ -205,27 +211,37 @@ def _differencing(cost: np.ndarray, cp: int) -> np.ndarray:
 
 
 def _balance_units(cost: np.ndarray, size: int, cp: int) -> tuple[_Units, np.ndarray]:
-    """Equal-count split of units of ``size`` positions: the better of LPT and differencing, both refined."""
+    """Equal-count split of units of ``size`` positions: the better of LPT and differencing, both refined.
+
+    Returns the units (owners set) and the loads per rank in the units of ``cost``.
+    """
+    g = _Units(np.arange(len(cost)) * size, size, cost, np.zeros(len(cost), dtype=np.int64))
+    if not len(cost):
+        return g, np.zeros(cp, dtype=np.int64)
+    scale = int(np.gcd.reduce(cost)) or 1  # in tiles, so that the lower bound is reachable
+    cost = cost // scale
+    bound = unit_split_bound(cost, cp)
     best = None
     for start in ("lpt", "differencing"):
-        g = _Units(np.arange(len(cost)) * size, size, cost, np.zeros(len(cost), dtype=np.int64))
-        loads = np.zeros(cp, dtype=np.int64)
-        if len(cost):
-            if start == "lpt":
-                _deal(g, loads)
-            else:
-                g.owner[:] = _differencing(cost, cp)
-                loads = np.bincount(g.owner, weights=cost, minlength=cp).astype(np.int64)
-            _refine([g], loads)
+        g = _Units(g.starts, size, cost, np.zeros(len(cost), dtype=np.int64))
+        if start == "lpt":
+            loads = np.zeros(cp, dtype=np.int64)
+            _deal(g, loads)
+        else:
+            g.owner[:] = _differencing(cost, cp)
+            loads = np.bincount(g.owner, weights=cost, minlength=cp).astype(np.int64)
+        _refine([g], loads, floor=bound)
         if best is None or loads.max() < best[1].max():
             best = (g, loads)
+        if best[1].max() <= bound or best[1].max() * cp <= _GOOD_ENOUGH * cost.sum():
+            break  # optimal, or close enough that a second start is not worth its time
     g, loads = best
-    if len(cost) and loads.max() * cp > SEARCH_ABOVE * cost.sum():
+    if bound < loads.max() and loads.max() * cp > SEARCH_ABOVE * cost.sum():
         _, owner, _ = optimal_unit_split(cost, cp, int(loads.max()), _SEARCH_BUDGET)
         if owner is not None:
             g.owner[:] = owner
             loads = np.bincount(g.owner, weights=cost, minlength=cp).astype(np.int64)
-    return g, loads
+    return g, loads * scale
 
 
 class _OverBudget(Exception):
