@@ -158,7 +158,7 @@ class BlockDiffusionAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self.backend(q, k, v, layout, self.softmax_scale)
         # [b, h, s, d] -> [s, b, h * d]: a view, no copy, when the backend keeps the query's [s, b, h, d]
-        # memory order (flex, SDPA/cuDNN and the reference do; tested)
+        # memory order (flex does, and the reference; tested), a copy otherwise
         return out.permute(2, 0, 1, 3).flatten(2)
 
 
