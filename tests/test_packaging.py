@@ -88,6 +88,9 @@ def test_wheel_ships_only_llada_cpt_and_the_recipes(wheel):
     assert {"tiny_cpu.yaml", "tiny_sft.yaml", "qwen3_dense_cpt.yaml"} <= recipes
     assert "llada_cpt/kernels/flex.py" in names and "llada_cpt/megatron_patches/cpu.py" in names
     assert any(n.startswith("llada_cpt/data/bundled/") for n in names)
+    # the harness tasks of `llada-cpt lm-eval` (YAML found through --include_path, loaders beside them)
+    assert {"llada_cpt/eval_tasks/llada_arith.yaml", "llada_cpt/eval_tasks/llada_arith_mc.yaml",
+            "llada_cpt/eval_tasks/llada_text_ppl.yaml", "llada_cpt/eval_tasks/docs.py"} <= set(names)
 
 
 def test_named_recipe_from_any_folder_in_a_wheel_install(wheel, tmp_path):
