@@ -229,7 +229,8 @@ PHASES = ("fwd_bwd", "optimizer")
 _RULES = [
     ("communication/sync", r"nccl|gloo:|c10d::|all_?reduce|all_?gather|reduce_?scatter|broadcast|memcpy"
                            r"|aten::_local_scalar_dense|aten::item\b"),
-    ("attention", r"llada::attention|flash|fmha|flex_?attention|sdpa|scaled_dot_product"),
+    # triton_tem: inductor template kernels, i.e. compiled flex attention (the only template in the step)
+    ("attention", r"llada::attention|flash|fmha|flex_?attention|sdpa|scaled_dot_product|triton_tem"),
     ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)\b"),
     ("cross-entropy", r"llada::cross_entropy|cross_?entropy|log_softmax|nll_loss"),
     ("norm", r"llada::norm|rms_?norm|layer_?norm"),
