@@ -227,7 +227,7 @@ PHASES = ("fwd_bwd", "optimizer")
 # first match wins; matched against the kernel (or CPU op) name and the names of its scopes: the op's
 # ancestors, the record_function ranges below and, in backward, the scopes of the forward op it differentiates
 _RULES = [
-    ("communication/sync", r"nccl|gloo:|c10d::|all_?reduce|all_?gather|reduce_?scatter|broadcast|memcpy"
+    ("communication/sync", r"nccl|gloo:|c10d::|all_?reduce|all_?gather|reduce_?scatter|memcpy"
                            r"|aten::_local_scalar_dense|aten::item\b"),
     # triton_tem: inductor template kernels, i.e. compiled flex attention (the only template in the step)
     ("attention", r"llada::attention|flash|fmha|flex_?attention|sdpa|scaled_dot_product|triton_tem"),

@@ -22,6 +22,7 @@ from conftest import load_script
     ("triton_tem_fused_2", ["CompiledFunctionBackward"], "attention"),  # flex backward without a scope
     ("cudnn_generated_fort_native_sdpa_sm90_knob_7", ["aten::_scaled_dot_product_cudnn_attention"], "attention"),
     ("triton_poi_fused_add_mul_0", ["aten::add"], "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4>", ["aten::where", "aten::broadcast_tensors"], "elementwise"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", ["c10d::allreduce_"], "communication/sync"),
     ("Memcpy DtoH (Device -> Pinned)", ["aten::_local_scalar_dense"], "communication/sync"),
     ("void at::native::(anonymous)::fused_adam_kernel", ["aten::_fused_adamw_", "llada::optimizer"], "optimizer"),
