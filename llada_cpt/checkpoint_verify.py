@@ -224,7 +224,7 @@ def _way_out(path: Path) -> str:
     if good is None:
         return (f"delete {path} (and {root / LATEST} if it names it) to start again, or restore it from a copy")
     return (f"to resume from the previous complete checkpoint {good.name}, delete {path} and write "
-            f"`{good.name}` into {root / LATEST} (or pass it as train.init_from for its weights only)")
+            f"`{good.name}` into {root / LATEST}")
 
 
 def require_complete(path: str | Path, resume: bool = False) -> None:

@@ -59,16 +59,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # offline tools leave nothing partial behind (temporary outputs are removed)
         print(f"llada-cpt {name}: interrupted", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
-    except Exception as err:  # noqa: BLE001 - user errors and a full disk become one line, the rest re-raises
-        full = find_disk_full(err)
-        if not isinstance(err, UserError) and full is None:
-            raise
-        line = f"llada-cpt {name}: error: {err if isinstance(err, UserError) else _disk_full_line(full)}"
-        from .stages.launcher import report_error
+    except Exception as err:  # noqa: BLE001 - user errors, a full disk, a lost peer: one line; the rest re-raises
+        from .stages.launcher import lost_peer_line, report_error
 
+        full = find_disk_full(err)
+        lost = None if isinstance(err, UserError) or full else lost_peer_line(err)
+        if not isinstance(err, UserError) and full is None and lost is None:
+            raise
+        message = err if isinstance(err, UserError) else _disk_full_line(full) if full else lost
+        line = f"llada-cpt {name}: error: {message}"
         if not report_error(line):  # in a rank of `--nproc` / launch/*.sh the launcher prints it once
             print(line, file=sys.stderr, flush=True)
-        return 2
+        return 1 if lost else 2
 
 
 if __name__ == "__main__":

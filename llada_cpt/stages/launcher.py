@@ -57,6 +57,24 @@ def report_error(line: str) -> bool:
     return True
 
 
+# what gloo / the c10d store say when the other end of a connection has gone away
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer_line(err: BaseException) -> Optional[str]:
+    """The one-line message for a rank whose collective failed because another process of the job died
+    (a node lost, a rank killed), or None for any other error."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or "WORLD_SIZE" not in os.environ:
+        return None
+    reason = next((t for t in _PEER_GONE if t in text), None)
+    if reason is None:
+        return None
+    return (f"lost contact with another process of the job ({reason}): a node or a rank died, was killed or "
+            "failed (its own output, if any, says why); the last complete checkpoint stays `latest`, start every "
+            "node again to resume from it")
+
+
 def parse(argv: Sequence[str], stage: str, command: Optional[str] = None) -> tuple[argparse.Namespace, Config]:
     """``command`` is what the user typed (``train`` runs stage ``cpt``); overrides may come before or
     after the options."""
@@ -128,6 +146,7 @@ def run_elastic(torchrun_argv: Sequence[str], prog: Optional[str] = None) -> int
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     prog = prog or _prog_of(torchrun_argv)
     args = torchrun.parse_args(list(torchrun_argv))
@@ -148,6 +167,10 @@ def run_elastic(torchrun_argv: Sequence[str], prog: Optional[str] = None) -> int
     try:
         torchrun.run(args)
         return 0
+    except RendezvousError as err:  # the agents lost each other (a node died while they were talking)
+        print(f"{prog}: error: lost the other nodes of the job ({type(err).__name__}: {err}); start every node "
+              "again to resume from `latest`", file=sys.stderr, flush=True)
+        return 1
     except SignalException as err:
         if relay.second:
             sig = relay.signum
@@ -162,9 +185,9 @@ def run_elastic(torchrun_argv: Sequence[str], prog: Optional[str] = None) -> int
         code = failure.exitcode
         if code == EXIT_REQUEUE:
             return EXIT_REQUEUE
-        if os.path.isfile(error_file):  # a UserError in a rank: the one line it wrote
+        if os.path.isfile(error_file):  # a UserError (exit 2) or a lost peer (exit 1) in a rank: its one line
             print(Path(error_file).read_text().rstrip("\n"), file=sys.stderr, flush=True)
-            return EXIT_USER_ERROR
+            return code if code > 0 else EXIT_USER_ERROR
         how = f"signal {failure.signal_name()}" if code < 0 else f"exit code {code}"
         print(f"{prog}: error: rank {rank} failed with {how}; its output above says why", file=sys.stderr,
               flush=True)
