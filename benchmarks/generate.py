@@ -40,7 +40,7 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
 
 def _run(m, prompts, cfg, repeats: int = 1) -> tuple[list, object]:
     """Token ids and stats; with ``repeats`` the fastest of identical runs (shared CPUs are noisy)."""
-    from llada_cpt.inference.sampler import generate
+    from llada_cpt.inference.generation import generate
 
     best = None
     for _ in range(repeats):

@@ -145,7 +145,8 @@ def _noise_free_eval_and_sampling(rank: int, world: int) -> dict:
     validation loss and the sampler's tokens and log-probs are those of the noise-free model."""
     from stage_runs import small_config
 
-    from llada_cpt.inference.sampler import SamplerConfig, generate
+    from llada_cpt.inference.generation import generate
+    from llada_cpt.inference.sampler import SamplerConfig
     from llada_cpt.stages.common import resolve_tokenizer
     from llada_cpt.stages.sft import SFTStage
     from llada_cpt.training.loop import build_run, evaluate

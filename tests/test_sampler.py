@@ -193,7 +193,7 @@ def _as_lists(batch):
 
 def _sampler_checks(rank: int, world: int, ckpt_dir: str) -> dict:
     from llada_cpt.config.schema import Config
-    from llada_cpt.inference.sampler import generate
+    from llada_cpt.inference.generation import generate
     from llada_cpt.training.checkpoint import save_checkpoint
     from llada_cpt.training.distributed import initialize, wrap_ddp
 
@@ -296,7 +296,7 @@ def _sampler_checks(rank: int, world: int, ckpt_dir: str) -> dict:
 
 
 def _tp2(rank: int, world: int, ckpt_dir: str) -> dict:
-    from llada_cpt.inference.sampler import generate
+    from llada_cpt.inference.generation import generate
     from llada_cpt.training.checkpoint import load_checkpoint
     from llada_cpt.training.distributed import initialize
 

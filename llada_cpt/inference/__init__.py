@@ -2,8 +2,8 @@
 
 ``generate(model, prompts_ids, SamplerConfig(...))`` -> ``list[GenerationResult]``
 (``.stats`` on the list) works on a model from :func:`load_model_for_inference` or
-on the (DDP-wrapped) chunks of a training process.  The engine (Megatron) part
-is imported lazily so that the sampler's pure parts stay light.
+on the (DDP-wrapped) chunks of a training process.  ``generate`` and the engine
+(Megatron) part are imported lazily so that the sampler's pure parts stay light.
 """
 from .kv_cache import KVCache
 from .sampler import (
@@ -12,7 +12,6 @@ from .sampler import (
     GenerationStats,
     PromptTooLongError,
     SamplerConfig,
-    generate,
     sample,
 )
 
@@ -32,6 +31,10 @@ __all__ = [
 
 
 def __getattr__(name):
+    if name == "generate":
+        from .generation import generate
+
+        return generate
     if name in ("load_model_for_inference", "inspect_checkpoint", "InferenceModel"):
         from . import engine
 

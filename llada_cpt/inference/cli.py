@@ -122,7 +122,7 @@ def generate_distributed(m, prompts: List[List[int]], cfg: SamplerConfig, show_p
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from .sampler import generate
+    from .generation import generate
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = list(range(dp_rank, len(prompts), dp))

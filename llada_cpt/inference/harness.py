@@ -15,7 +15,7 @@
 Both score over the real vocabulary (no padding rows, never ``[MASK]``), as the
 sampler proposes.  ``loglikelihood_rolling`` scores the harness's rolling windows
 of ``max_length`` tokens the same way; ``generate_until`` runs the project's
-block sampler (:func:`llada_cpt.inference.sampler.generate`, KV cache), greedy
+block sampler (:func:`llada_cpt.inference.generation.generate`, KV cache), greedy
 unless the task asks for sampling, and cuts at the stop strings.
 
 Data parallelism: the harness splits requests by :attr:`LladaLM.rank` /
@@ -416,7 +416,7 @@ class LladaLM(TemplateLM):
         return cfg
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        from .sampler import generate
+        from .generation import generate
 
         groups: Dict[str, List[int]] = {}
         for i, req in enumerate(requests):

@@ -33,6 +33,9 @@ values is the number of decoding forwards of that sequence.
 Under tensor parallelism every rank runs this loop in lockstep on identical
 (gathered) logits with an identically seeded generator, so all ranks make the
 same decisions.
+
+This module depends only on the :class:`Denoiser` interface and the KV cache;
+running it on a Megatron model is :func:`llada_cpt.inference.generation.generate`.
 """
 from __future__ import annotations
 
@@ -58,7 +61,6 @@ __all__ = [
     "select_commits",
     "token_budget",
     "sample",
-    "generate",
 ]
 
 
@@ -161,7 +163,7 @@ class GenerationResult:
 
 @dataclass
 class GenerationStats:
-    """Totals of one :func:`generate` call.
+    """Totals of one :func:`sample` (or :func:`~llada_cpt.inference.generation.generate`) call.
 
     ``tpf`` is tokens per forward *per sequence* (generated tokens over the sum of
     the sequences' decoding steps), the quantity the LLaDA2.0 report calls TPF;
@@ -300,10 +302,39 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: SamplerConfig, names: O
 # ------------------------------------------------------------------------------ the loop
 
 
-def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: SamplerConfig,
-                  generator: Optional[torch.Generator], progress: Optional[Callable[[int], None]]
-                  ) -> tuple[List[GenerationResult], GenerationStats]:
-    dev = denoiser.device
+@dataclass
+class _Batch:
+    """The state of one batch in batch coordinates (rows left-padded by whole blocks, see the module docstring).
+
+    ``[b, T]`` tensors live on the denoiser's device; ``pad``/``budget`` stay on the CPU.
+    """
+
+    prompts: List[List[int]]
+    pad: torch.Tensor  # [b] left padding of each row (whole blocks)
+    budget: torch.Tensor  # [b] positions each row may generate
+    first_block: int  # the batch block in which every row's generation starts
+    tokens: torch.Tensor  # [b, T] ids; mask_id where nothing is committed yet
+    valid: torch.Tensor  # [b, T] real positions (prompt and budget, no padding)
+    gen: torch.Tensor  # [b, T] positions to generate
+    positions: torch.Tensor  # [b, T] RoPE positions (per row)
+    blocks: torch.Tensor  # [T] block of each column
+    end: torch.Tensor  # [b] exclusive end of each row
+    committed: torch.Tensor  # [b, T] generated positions already committed
+    step_map: torch.Tensor  # [b, T] decoding step that committed each position (-1: none)
+    logprobs: torch.Tensor  # [b, T] log-prob of each committed token
+    steps_done: torch.Tensor  # [b] decoding forwards in which each row committed tokens
+    rows: torch.Tensor  # rows still generating (indices into the batch)
+    cache: KVCache
+    reason: List[str]  # finish reason of each row
+    forwards: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+
+def _setup_batch(prompts: Sequence[Sequence[int]], cfg: SamplerConfig, dev: torch.device) -> _Batch:
+    """Lay the prompts out in batch coordinates, every budget position masked, nothing cached."""
     B = cfg.block_size
     b = len(prompts)
     plen = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -322,87 +353,127 @@ def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: Sam
     positions = (col - pad[:, None]).clamp(min=0)
     blocks = col // B
     tokens, valid, gen, positions, blocks, end = (t.to(dev) for t in (tokens, valid, gen, positions, blocks, end))
-    committed = torch.zeros_like(gen)
-    step_map = torch.full((b, T), -1, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((b, T), dtype=torch.float32, device=dev)
-    steps_done = torch.zeros(b, dtype=torch.long, device=dev)
-    reason = ["length"] * b
-    rows = torch.arange(b, device=dev)
-    cache = KVCache(b, T if cfg.use_cache else 0, dev)
-    max_steps = cfg.max_steps_per_block or B
-    forwards = 0
-    t0 = time.perf_counter()
-    for k in range(K, math.ceil(T / B)):
-        lo, hi = k * B, min((k + 1) * B, T)
-        steps_in_block = 0
-        while True:
-            pending = gen[rows, lo:hi] & ~committed[rows, lo:hi]
-            active = pending.any(dim=1)
-            if not bool(active.any()):
-                break
-            if cfg.use_cache:
-                start = cache.length  # clean blocks not cached yet (prompt / previous block) + current block
-                cache.plan(positions[rows, start:hi], blocks[start:hi], valid[rows, start:hi], write=lo - start)
-                step_cache = cache
-            else:  # reference: the whole prefix, nothing kept
-                start = 0
-                step_cache = KVCache(len(rows), 0, dev)
-                step_cache.plan(positions[rows, :hi], blocks[:hi], valid[rows, :hi], write=0)
-            logits = denoiser(tokens[rows, start:hi], positions[rows, start:hi], step_cache, hi - lo)
-            step_cache.finish()
-            forwards += 1
-            # the model's own distribution (all vocabulary rows, mask included), as training scores it:
-            # the log-prob of each committed token is the behaviour policy's, for RL (`rl.old_logprobs=rollout`)
-            full_logp = torch.log_softmax(logits.float(), dim=-1)
-            logits = logits[..., : cfg.vocab_size] if cfg.vocab_size else logits
-            logits = logits.float()
-            logits[..., cfg.mask_id] = float("-inf")  # the mask is never a prediction
-            proposal, conf = propose_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-            commit = select_commits(conf, pending, cfg.threshold, cfg.min_tokens_per_step,
-                                    commit_all=steps_in_block + 1 >= max_steps)
-            tokens[rows, lo:hi] = torch.where(commit, proposal, tokens[rows, lo:hi])
-            committed[rows, lo:hi] |= commit
-            step_map[rows, lo:hi] = torch.where(commit, steps_done[rows].unsqueeze(1), step_map[rows, lo:hi])
-            chosen = full_logp.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
-            logprobs[rows, lo:hi] = torch.where(commit, chosen, logprobs[rows, lo:hi])
-            steps_done[rows] += active.long()
-            steps_in_block += 1
-            if progress is not None:
-                progress(int(commit.sum()))
-        # the block is complete for every row: who stops here?
-        ended = end[rows] <= hi
-        eos = torch.zeros_like(ended)
-        if cfg.stop_at_eos and cfg.eos_id is not None:
-            eos = ((tokens[rows, lo:hi] == cfg.eos_id) & gen[rows, lo:hi]).any(dim=1)
-        stop = ended | eos
-        if bool(stop.any()):
-            for r, is_eos in zip(rows[stop].tolist(), eos[stop].tolist()):
-                if is_eos:
-                    reason[r] = "eos"
-                elif int(budget[r]) < cfg.max_new_tokens:  # the context cut the budget
-                    reason[r] = "context"
-                if progress is not None:  # the unused budget of a stopped row counts as done
-                    progress(int(budget[r]) - int(committed[r].sum()))
-            keep = (~stop).nonzero().squeeze(1)
-            rows = rows[keep]
-            if cfg.use_cache:
-                cache.select(keep)
-            if rows.numel() == 0:
-                break
-    seconds = time.perf_counter() - t0
-    tokens, committed, step_map, steps_done, logprobs = (t.cpu() for t in (tokens, committed, step_map, steps_done,
-                                                                         logprobs))
+    return _Batch(prompts=[list(p) for p in prompts], pad=pad, budget=budget, first_block=K, tokens=tokens,
+                  valid=valid, gen=gen, positions=positions, blocks=blocks, end=end,
+                  committed=torch.zeros_like(gen), step_map=torch.full((b, T), -1, dtype=torch.long, device=dev),
+                  logprobs=torch.zeros((b, T), dtype=torch.float32, device=dev),
+                  steps_done=torch.zeros(b, dtype=torch.long, device=dev), rows=torch.arange(b, device=dev),
+                  cache=KVCache(b, T if cfg.use_cache else 0, dev), reason=["length"] * b)
+
+
+def _plan_forward(batch: _Batch, cfg: SamplerConfig, lo: int, hi: int, dev: torch.device) -> tuple[int, KVCache]:
+    """Where this forward's input starts, and the cache (planned) it attends with, for current block ``[lo, hi)``."""
+    rows = batch.rows
+    if cfg.use_cache:
+        start = batch.cache.length  # clean blocks not cached yet (prompt / previous block) + current block
+        batch.cache.plan(batch.positions[rows, start:hi], batch.blocks[start:hi], batch.valid[rows, start:hi],
+                         write=lo - start)
+        return start, batch.cache
+    # reference: the whole prefix, nothing kept
+    step_cache = KVCache(len(rows), 0, dev)
+    step_cache.plan(batch.positions[rows, :hi], batch.blocks[:hi], batch.valid[rows, :hi], write=0)
+    return 0, step_cache
+
+
+def _denoise_step(denoiser: Denoiser, batch: _Batch, cfg: SamplerConfig, lo: int, hi: int, commit_all: bool,
+                  generator: Optional[torch.Generator]) -> Optional[int]:
+    """One forward over the current block ``[lo, hi)`` of the live rows, and its commits.
+
+    Returns the number of tokens committed, or None (no forward) when every
+    live row's block is already complete.
+    """
+    rows = batch.rows
+    pending = batch.gen[rows, lo:hi] & ~batch.committed[rows, lo:hi]
+    active = pending.any(dim=1)
+    if not bool(active.any()):
+        return None
+    start, step_cache = _plan_forward(batch, cfg, lo, hi, denoiser.device)
+    logits = denoiser(batch.tokens[rows, start:hi], batch.positions[rows, start:hi], step_cache, hi - lo)
+    step_cache.finish()
+    batch.forwards += 1
+    # the model's own distribution (all vocabulary rows, mask included), as training scores it:
+    # the log-prob of each committed token is the behaviour policy's, for RL (`rl.old_logprobs=rollout`)
+    full_logp = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits[..., : cfg.vocab_size] if cfg.vocab_size else logits
+    logits = logits.float()
+    logits[..., cfg.mask_id] = float("-inf")  # the mask is never a prediction
+    proposal, conf = propose_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    commit = select_commits(conf, pending, cfg.threshold, cfg.min_tokens_per_step, commit_all=commit_all)
+    batch.tokens[rows, lo:hi] = torch.where(commit, proposal, batch.tokens[rows, lo:hi])
+    batch.committed[rows, lo:hi] |= commit
+    batch.step_map[rows, lo:hi] = torch.where(commit, batch.steps_done[rows].unsqueeze(1),
+                                              batch.step_map[rows, lo:hi])
+    chosen = full_logp.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+    batch.logprobs[rows, lo:hi] = torch.where(commit, chosen, batch.logprobs[rows, lo:hi])
+    batch.steps_done[rows] += active.long()
+    return int(commit.sum())
+
+
+def _retire_finished(batch: _Batch, cfg: SamplerConfig, lo: int, hi: int,
+                     progress: Optional[Callable[[int], None]]) -> bool:
+    """After block ``[lo, hi)`` is complete for every live row: drop the rows that stop here.
+
+    A row stops at the end of its budget or after the block in which it
+    committed EOS.  Returns whether any row is still generating.
+    """
+    rows = batch.rows
+    ended = batch.end[rows] <= hi
+    eos = torch.zeros_like(ended)
+    if cfg.stop_at_eos and cfg.eos_id is not None:
+        eos = ((batch.tokens[rows, lo:hi] == cfg.eos_id) & batch.gen[rows, lo:hi]).any(dim=1)
+    stop = ended | eos
+    if bool(stop.any()):
+        for r, is_eos in zip(rows[stop].tolist(), eos[stop].tolist()):
+            if is_eos:
+                batch.reason[r] = "eos"
+            elif int(batch.budget[r]) < cfg.max_new_tokens:  # the context cut the budget
+                batch.reason[r] = "context"
+            if progress is not None:  # the unused budget of a stopped row counts as done
+                progress(int(batch.budget[r]) - int(batch.committed[r].sum()))
+        keep = (~stop).nonzero().squeeze(1)
+        batch.rows = rows[keep]
+        if cfg.use_cache:
+            batch.cache.select(keep)
+    return batch.rows.numel() > 0
+
+
+def _pack_results(batch: _Batch, cfg: SamplerConfig, seconds: float
+                  ) -> tuple[List[GenerationResult], GenerationStats]:
+    """Each row's generated positions (through its last block) as a :class:`GenerationResult`, and the totals."""
+    tokens, committed, step_map, steps_done, logprobs = (
+        t.cpu() for t in (batch.tokens, batch.committed, batch.step_map, batch.steps_done, batch.logprobs))
     results = []
-    for i, p in enumerate(prompts):
-        s = int(pad[i]) + len(p)
+    for i, p in enumerate(batch.prompts):
+        s = int(batch.pad[i]) + len(p)
         n = int(committed[i].sum())
         results.append(GenerationResult(
             prompt_ids=list(p), token_ids=tokens[i, s:s + n].tolist(), step_map=step_map[i, s:s + n].tolist(),
-            finish_reason=reason[i], num_steps=int(steps_done[i]), eos_id=cfg.eos_id,
+            finish_reason=batch.reason[i], num_steps=int(steps_done[i]), eos_id=cfg.eos_id,
             token_logprobs=logprobs[i, s:s + n].tolist()))
-    stats = GenerationStats(sequences=b, generated_tokens=int(committed.sum()), decoding_steps=int(steps_done.sum()),
-                            forward_passes=forwards, seconds=seconds)
+    stats = GenerationStats(sequences=len(batch.prompts), generated_tokens=int(committed.sum()),
+                            decoding_steps=int(steps_done.sum()), forward_passes=batch.forwards, seconds=seconds)
     return results, stats
+
+
+def _sample_batch(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: SamplerConfig,
+                  generator: Optional[torch.Generator], progress: Optional[Callable[[int], None]]
+                  ) -> tuple[List[GenerationResult], GenerationStats]:
+    """Blocks left to right; inside a block, denoising steps until every live row's block is complete."""
+    batch = _setup_batch(prompts, cfg, denoiser.device)
+    B = cfg.block_size
+    max_steps = cfg.max_steps_per_block or B
+    t0 = time.perf_counter()
+    for k in range(batch.first_block, math.ceil(batch.length / B)):
+        lo, hi = k * B, min((k + 1) * B, batch.length)
+        steps_in_block = 0
+        while (n_committed := _denoise_step(denoiser, batch, cfg, lo, hi, steps_in_block + 1 >= max_steps,
+                                            generator)) is not None:
+            steps_in_block += 1
+            if progress is not None:
+                progress(n_committed)
+        if not _retire_finished(batch, cfg, lo, hi, progress):
+            break
+    return _pack_results(batch, cfg, time.perf_counter() - t0)
 
 
 def sample(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: SamplerConfig,
@@ -429,33 +500,3 @@ def sample(denoiser: Denoiser, prompts: Sequence[Sequence[int]], cfg: SamplerCon
         for r in out:
             r.text = tokenizer.decode(r.completion_ids)
     return out
-
-
-def generate(model, prompts_ids: Sequence[Sequence[int]], cfg: Optional[SamplerConfig] = None, *,
-             tokenizer=None, samples_per_prompt: int = 1,
-             progress: Optional[Callable[[int], None]] = None) -> GenerationBatch:
-    """Block-diffusion generation from a Megatron model; ``list[GenerationResult]`` with ``.stats``.
-
-    ``model``: an :class:`~llada_cpt.inference.engine.InferenceModel`, a ``GPTModel``,
-    or training chunks (a DDP-wrapped chunk or a list of one); it is put in eval
-    mode under ``no_grad`` for the call and its train/eval mode restored.  Every TP
-    rank must call this with the same prompts and config.  ``samples_per_prompt``
-    repeats each prompt (rollout groups: results are prompt-major), drawing
-    different samples when ``temperature > 0``.  Settings left at None in ``cfg``
-    come from an ``InferenceModel`` (mask/EOS ids, vocabulary, context).
-    """
-    from dataclasses import replace
-
-    from .engine import InferenceModel, ModelRunner
-
-    cfg = replace(cfg) if cfg is not None else SamplerConfig()
-    if isinstance(model, InferenceModel):
-        cfg = model.fill_defaults(cfg)
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        model = model.model
-    if samples_per_prompt < 1:
-        raise ConfigError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    prompts = [p for p in prompts_ids for _ in range(samples_per_prompt)]
-    runner = ModelRunner(model)
-    with runner.session():
-        return sample(runner, prompts, cfg, progress=progress, tokenizer=tokenizer)

@@ -206,7 +206,7 @@ class RLStage:
 
     def _draw(self, run: Run, counter: list, n: int) -> List[Group]:
         """``n`` prompts of this rank's stream, G rollouts each, with rewards."""
-        from ..inference.sampler import generate
+        from ..inference.generation import generate
 
         r = self.cfg.rl
         picks = []
@@ -374,7 +374,7 @@ class RLStage:
 
     def validate(self, run: Run, block_size: int) -> Dict[str, float]:
         """Greedy accuracy and TPF on the held-out questions (this rank's share, summed over DP)."""
-        from ..inference.sampler import generate
+        from ..inference.generation import generate
 
         picks = self.valid[run.dp_rank::run.dp_size][: max(1, self.cfg.logging.eval_iters)]
         prompts = [self._prompt_ids(p["question"]) for p in picks]
