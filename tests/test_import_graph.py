@@ -1,0 +1,254 @@
+"""The package's import graph: no cycle between ``llada_cpt`` subpackages, and ``stages`` only behind the CLI.
+
+Every ``import`` / ``from ... import`` in every ``.py`` under ``llada_cpt`` is
+read with :mod:`ast` -- module level and inside functions alike (a lazy import
+is still a dependency) -- and mapped to its *node*: the subpackage
+(``llada_cpt/inference/...`` -> ``inference``) or, for a top-level module, the
+module itself (``llada_cpt/merge.py`` -> ``merge``).  Nothing is imported, so
+the check runs in well under a second without Megatron.
+
+The rules (issue 18):
+
+1. no cycle between nodes;
+2. ``inference``, ``convert``, ``checkpoint`` and ``runtime`` never import
+   ``stages``: the CLI's subcommand table is the one place that dispatches to a stage;
+3. ``training`` never imports the offline ``merge`` tool (item 1: top-k selection
+   and retention live with the checkpoint code).
+
+Edges that break them today are listed in :data:`ALLOWED`, each with the
+issue-18 item that removes it.  An allowed edge that no longer exists fails the
+test too, so the list can only shrink.
+"""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Set, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "llada_cpt"
+
+Edge = Tuple[str, str]
+
+# imported node -> (the nodes that must never import it, why)
+FORBIDDEN: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "stages": (("inference", "convert", "checkpoint", "runtime"),
+               "only cli.py's subcommand table dispatches to stages"),
+    "merge": (("training",), "the offline merge tool is no training dependency (issue 18 item 1)"),
+}
+
+# Edges that break a rule today, each with what removes it.  Only delete entries (a stale one fails the test).
+ALLOWED: Dict[Edge, str] = {
+    ("inference", "stages"): "item 2 (evaluate.py borrows cpt's make_batch/_parse_blend) and item 3 (launcher)",
+    ("convert", "stages"): "item 3 (convert/cli.py relaunches through stages/launcher.py)",
+    ("training", "merge"): "item 1 (training/checkpoint.py takes select_top_k and its error from merge.py)",
+    ("kernels", "attention"): "no issue-18 item yet: kernels/registry.load('reference') imports attention.reference",
+    ("config", "model"): "no issue-18 item yet: config/loader.py imports model/presets.py to apply model.preset",
+}
+
+
+# ------------------------------------------------------------------------------ the checker
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _node(module: str, package: str) -> str:
+    """``package.sub.x`` -> ``sub``; ``package.merge`` -> ``merge``; ``package`` -> ``package``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else package
+
+
+def _statements(body: Iterable[ast.AST]) -> Iterable[ast.AST]:
+    """Every statement, nested ones (functions, classes, if/try/with/match bodies) included.
+
+    Imports are statements, so this finds all of them without visiting every expression node as ``ast.walk`` would.
+    """
+    for stmt in body:
+        yield stmt
+        for block in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(stmt, block, ()))
+
+
+def _targets(tree: ast.Module, module: str, is_package: bool, modules: Set[str], package: str
+             ) -> Iterable[Tuple[str, int]]:
+    """``(imported module, line)`` for every import anywhere in ``tree`` (relative ones resolved)."""
+    for stmt in _statements(tree.body):
+        if isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                yield alias.name, stmt.lineno
+        elif isinstance(stmt, ast.ImportFrom):
+            if stmt.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (stmt.level - 1)]
+                target = ".".join(base + ([stmt.module] if stmt.module else []))
+            else:
+                target = stmt.module or ""
+            for alias in stmt.names:  # `from pkg import submodule` depends on the submodule
+                sub = f"{target}.{alias.name}"
+                yield (sub if sub in modules else target), stmt.lineno
+
+
+def import_graph(root: Path, package: str = PACKAGE) -> Dict[Edge, List[str]]:
+    """``{(importer node, imported node): ["path:line", ...]}`` over every ``.py`` under ``root / package``."""
+    files = sorted((root / package).rglob("*.py"))
+    modules = {_module_name(f, root) for f in files}
+    edges: Dict[Edge, List[str]] = defaultdict(list)
+    for f in files:
+        module = _module_name(f, root)
+        tree = ast.parse(f.read_text(encoding="utf-8"), filename=str(f))
+        for target, line in _targets(tree, module, f.name == "__init__.py", modules, package):
+            if target != package and not target.startswith(package + "."):
+                continue
+            src, dst = _node(module, package), _node(target, package)
+            site = f"{f.relative_to(root).as_posix()}:{line}"
+            if src != dst and site not in edges[(src, dst)]:
+                edges[(src, dst)].append(site)
+    return dict(edges)
+
+
+def cycles(edges: Iterable[Edge]) -> List[List[str]]:
+    """The strongly connected components of more than one node (Tarjan), each sorted."""
+    graph: Dict[str, Set[str]] = defaultdict(set)
+    for a, b in edges:
+        graph[a].add(b)
+        graph.setdefault(b, set())
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    found: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def forbidden(edges: Iterable[Edge]) -> List[Edge]:
+    """The edges that :data:`FORBIDDEN` rules out."""
+    return sorted((a, b) for a, b in edges if b in FORBIDDEN and a in FORBIDDEN[b][0])
+
+
+def violations(graph: Dict[Edge, List[str]], allowed: Dict[Edge, str]) -> List[str]:
+    """One line per broken rule, with the import sites; empty when the graph is clean."""
+    live = {e: sites for e, sites in graph.items() if e not in allowed}
+    lines = []
+    for component in cycles(live):
+        inside = [f"{a} -> {b} ({', '.join(live[(a, b)][:2])})" for (a, b) in sorted(live)
+                  if a in component and b in component]
+        lines.append(f"import cycle between {', '.join(component)}: " + "; ".join(inside))
+    for a, b in forbidden(live):
+        lines.append(f"{a} imports {b} ({', '.join(live[(a, b)][:3])}): {FORBIDDEN[b][1]}")
+    tangled = [set(c) for c in cycles(graph)]
+    for a, b in sorted(allowed):
+        if (a, b) not in graph:
+            lines.append(f"allowed edge {a} -> {b} no longer exists: delete it from ALLOWED")
+        elif not forbidden([(a, b)]) and not any(a in c and b in c for c in tangled):
+            lines.append(f"allowed edge {a} -> {b} breaks no rule: delete it from ALLOWED")
+    return lines
+
+
+# ------------------------------------------------------------------------------ the package
+
+
+def test_subpackages_import_without_cycles_and_stages_only_from_the_cli():
+    problems = violations(import_graph(ROOT), ALLOWED)
+    assert not problems, "\n".join(problems)
+
+
+def test_sampler_depends_only_on_the_denoiser_interface_and_the_kv_cache():
+    """Item 4: the sampler imports neither the Megatron engine nor the generate() glue."""
+    path = ROOT / PACKAGE / "inference" / "sampler.py"
+    modules = {_module_name(f, ROOT) for f in (ROOT / PACKAGE).rglob("*.py")}
+    got = {t for t, _ in _targets(ast.parse(path.read_text()), f"{PACKAGE}.inference.sampler", False, modules,
+                                  PACKAGE) if t.startswith(PACKAGE)}
+    assert got <= {f"{PACKAGE}.errors", f"{PACKAGE}.inference.kv_cache"}, sorted(got)
+
+
+# ------------------------------------------------------------------------------ the checker itself
+
+
+def _write(root: Path, files: Dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_checker_finds_cycles_forbidden_edges_and_stale_allowances(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/merge.py": "import os\nfrom pkg.data import loader\n",
+        "pkg/data/__init__.py": "",
+        "pkg/data/loader.py": "def f():\n    from ..training import loop  # function level\n",
+        "pkg/training/__init__.py": "from .loop import run\n",
+        "pkg/training/loop.py": "from .. import merge\n\ndef run():\n    pass\n",
+        "pkg/stages/__init__.py": "",
+        "pkg/stages/cpt.py": "from pkg.training.loop import run\n",
+        "pkg/inference/__init__.py": "",
+        "pkg/inference/engine.py": "def g():\n    import pkg.stages.cpt\n",
+        "pkg/cli.py": "from .stages import cpt\n",
+    })
+    graph = import_graph(tmp_path, "pkg")
+    assert set(graph) == {("merge", "data"), ("data", "training"), ("training", "merge"), ("stages", "training"),
+                          ("inference", "stages"), ("cli", "stages")}
+    assert graph[("data", "training")] == ["pkg/data/loader.py:2"]
+    assert cycles(graph) == [["data", "merge", "training"]]
+    assert forbidden(graph) == [("inference", "stages"), ("training", "merge")]  # cli -> stages is the one allowed
+    problems = violations(graph, {})
+    assert len(problems) == 3
+    assert problems[0].startswith("import cycle between data, merge, training: data -> training "
+                                  "(pkg/data/loader.py:2); merge -> data (pkg/merge.py:2); training -> merge")
+    assert problems[1].startswith("inference imports stages (pkg/inference/engine.py:2)")
+    assert problems[2].startswith("training imports merge (pkg/training/loop.py:1)")
+    # allowing the edges that break the rules clears them; an allowance for an edge that is gone is reported
+    allowed = {("training", "merge"): "", ("inference", "stages"): ""}
+    assert violations(graph, allowed) == []
+    assert violations(graph, {**allowed, ("convert", "stages"): "", ("stages", "training"): ""}) == [
+        "allowed edge convert -> stages no longer exists: delete it from ALLOWED",
+        "allowed edge stages -> training breaks no rule: delete it from ALLOWED"]
+
+
+@pytest.mark.parametrize("module, source, want", [
+    ("pkg.a.x", "from . import y", "pkg.a.y"),
+    ("pkg.a.x", "from .y import f", "pkg.a.y"),
+    ("pkg.a.x", "from ..b import z", "pkg.b"),
+    ("pkg.a", "from .y import f", "pkg.a.y"),  # in an __init__, `.` is the package itself
+    ("pkg.a.x", "from .. import merge", "pkg.merge"),  # a name that is a module is that module
+    ("pkg.a.x", "from .. import b, VERSION", "pkg.b"),
+    ("pkg.a.x", "class C:\n    def f(self):\n        try:\n            pass\n        except ImportError:\n"
+                "            import pkg.b as b\n", "pkg.b"),  # nested anywhere
+])
+def test_relative_imports_resolve(module, source, want):
+    modules = {"pkg", "pkg.a", "pkg.a.x", "pkg.a.y", "pkg.b", "pkg.merge"}
+    got = {t for t, _ in _targets(ast.parse(source), module, module == "pkg.a", modules, "pkg")}
+    assert got == {want} if "VERSION" not in source else got == {want, "pkg"}
