@@ -66,3 +66,31 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                         p.kill()
                 raise TimeoutError(f"distributed test did not finish within {timeout:.0f} s")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+# the optimizer layout that reshards across DP sizes (what training/checkpoint.py saves)
+RESHARDABLE = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def save_model_and_optimizer(model, optimizer, directory: str) -> None:
+    """``dist_checkpointing.save`` of a model chunk and its Megatron optimizer (every rank calls it)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    state = {"model": model.sharded_state_dict()}
+    state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=RESHARDABLE)
+    if dist.get_rank() == 0:
+        os.makedirs(directory)
+    dist.barrier()
+    dist_checkpointing.save(state, directory)
+
+
+def load_model_and_optimizer(model, optimizer, directory: str) -> None:
+    """Load what :func:`save_model_and_optimizer` wrote into fresh objects."""
+    from megatron.core import dist_checkpointing
+
+    state = {"model": model.sharded_state_dict()}
+    state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True, metadata=RESHARDABLE)
+    loaded = dist_checkpointing.load(state, directory)
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])

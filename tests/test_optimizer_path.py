@@ -13,13 +13,12 @@ on CPU here (torch has a CPU fused AdamW); on GPU it is the default.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 
 import pytest
 import torch
 
-from dist import run_distributed
+from dist import load_model_and_optimizer, run_distributed, save_model_and_optimizer
 from llada_cpt.config.schema import Config, ModelConfig, ParallelConfig
 
 L = 16
@@ -138,8 +137,7 @@ def test_foreach_kernels_match_the_local_stand_ins():
 
 def _resume_fused(rank: int, world: int, out: str) -> dict:
     """DP=2, distributed optimizer, fused AdamW: a resumed run continues exactly like the unbroken one."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from llada_cpt.megatron_patches import torch_optimizer
     from llada_cpt.model.provider import build_model
@@ -148,7 +146,6 @@ def _resume_fused(rank: int, world: int, out: str) -> dict:
     from llada_cpt.training.step import forward_backward
 
     parallel = LAYOUTS["dp2_distributed_optimizer"]
-    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
 
     def build():
         initialize(parallel, seed=42)
@@ -168,20 +165,11 @@ def _resume_fused(rank: int, world: int, out: str) -> dict:
 
     model, ddp, opt = build()
     unbroken = train(ddp, opt, range(2))
-    state = {"model": model.sharded_state_dict()}
-    state["optimizer"] = opt.sharded_state_dict(state["model"], metadata=meta)
-    if dist.get_rank() == 0:
-        os.makedirs(f"{out}/ckpt")
-    dist.barrier()
-    dist_checkpointing.save(state, f"{out}/ckpt")
+    save_model_and_optimizer(model, opt, f"{out}/ckpt")
     unbroken += train(ddp, opt, range(2, 4))
 
     model, ddp, opt = build()
-    state = {"model": model.sharded_state_dict()}
-    state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=True, metadata=meta)
-    loaded = dist_checkpointing.load(state, f"{out}/ckpt")
-    model.load_state_dict(loaded["model"])
-    opt.load_state_dict(loaded["optimizer"])
+    load_model_and_optimizer(model, opt, f"{out}/ckpt")
     inner = list(torch_optimizer.inner_torch_optimizers(opt))
     fused = all(g["fused"] for o in inner for g in o.param_groups)
     steps = {float(s["step"]) for o in inner for s in o.state.values()}

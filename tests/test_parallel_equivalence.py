@@ -19,7 +19,7 @@ import tempfile
 import pytest
 import torch
 
-from dist import run_distributed
+from dist import load_model_and_optimizer, run_distributed, save_model_and_optimizer
 from llada_cpt.config.schema import ModelConfig, ParallelConfig
 
 L = 16
@@ -154,12 +154,10 @@ def _fresh_init(parallel: ParallelConfig) -> dict:
 def _resume(out: str) -> dict:
     """DP=2 + distributed optimizer (torch AdamW here): a run resumed from a checkpoint
     continues exactly like the unbroken run (per-parameter Adam ``step`` state)."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     parallel = ParallelConfig(use_distributed_optimizer=True)
-    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
 
     def build(weights):
         model, ddp = _setup(parallel, MODEL, weights)
@@ -176,20 +174,11 @@ def _resume(out: str) -> dict:
 
     model, ddp, opt = build(f"{out}/weights")
     unbroken = train(ddp, opt, 2)
-    state = {"model": model.sharded_state_dict()}
-    state["optimizer"] = opt.sharded_state_dict(state["model"], metadata=meta)
-    if dist.get_rank() == 0:
-        os.makedirs(f"{out}/resume")
-    dist.barrier()
-    dist_checkpointing.save(state, f"{out}/resume")
+    save_model_and_optimizer(model, opt, f"{out}/resume")
     unbroken += train(ddp, opt, 2)
 
     model, ddp, opt = build(f"{out}/weights")  # fresh objects, then the checkpoint
-    state = {"model": model.sharded_state_dict()}
-    state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=True, metadata=meta)
-    loaded = dist_checkpointing.load(state, f"{out}/resume")
-    model.load_state_dict(loaded["model"])
-    opt.load_state_dict(loaded["optimizer"])
+    load_model_and_optimizer(model, opt, f"{out}/resume")
     return {"unbroken": unbroken, "resumed": train(ddp, opt, 2)}
 
 
