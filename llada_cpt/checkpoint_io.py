@@ -246,6 +246,9 @@ class TorchDistCheckpoint:
         except FileNotFoundError:
             raise CheckpointFormatError(
                 f"`{self.path}` has no `.metadata` file; the checkpoint is incomplete") from None
+        except Exception as err:  # noqa: BLE001 - an unpickling failure can raise nearly anything
+            raise CheckpointFormatError(f"`{self.path}/.metadata` cannot be read ({type(err).__name__}: {err}); "
+                                        "the checkpoint is damaged (`llada-cpt checkpoint verify` checks it)") from None
         self._reader.set_up_storage_reader(self.metadata, True)
         self.tensors: Dict[str, TensorInfo] = {}
         self.objects: List[str] = []

@@ -109,8 +109,12 @@ def _storage_problems(path: Path, verdict: Verdict) -> None:
         verdict.parts.append("optimizer")
 
 
-def verify_checkpoint(path: str | Path) -> Verdict:
-    """Check one ``iter_*`` directory (see the module doc); never raises for a damaged checkpoint."""
+def verify_checkpoint(path: str | Path, weights_only: bool = False) -> Verdict:
+    """Check one ``iter_*`` directory (see the module doc); never raises for a damaged checkpoint.
+
+    ``weights_only``: only what loading the model weights needs (a merge's inputs); a training
+    checkpoint's metrics, config and RNG files may then be missing.
+    """
     import yaml
 
     path = Path(path)
@@ -133,7 +137,7 @@ def verify_checkpoint(path: str | Path) -> Verdict:
     problem = _zip_problem(path / COMMON_FILE)
     if problem:
         verdict.problems.append(problem)
-    training = "optimizer" in verdict.parts  # a training save always writes the parts below
+    training = "optimizer" in verdict.parts and not weights_only  # a training save always writes these
     metrics: dict = {}
     try:
         metrics = json.loads((path / "metrics.json").read_text())

@@ -48,6 +48,7 @@ from .arg_types import int_range
 from .checkpoint_io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes,
                             write_order, write_torch_dist)
 from .checkpoint_raw import weighted_sum
+from .checkpoint_verify import verify_checkpoint
 from .errors import UserError, reraise_disk_full
 from . import checkpoint_paths as ckpt
 
@@ -280,6 +281,11 @@ def split_regions(chunks: Sequence[Region], itemsize: int, max_bytes: Optional[i
 def plan_merge(paths: Sequence[str | Path]) -> MergePlan:
     """Open the inputs and check that they can be merged; names the first mismatching tensor."""
     paths = [Path(p) for p in paths]
+    for p in paths:  # a truncated shard would otherwise fail half-way through the output
+        verdict = verify_checkpoint(p, weights_only=True)
+        if not verdict.ok:
+            raise MergeError(f"checkpoint {p} is incomplete or corrupt ({verdict.problems[0]}); merge complete "
+                             f"ones only (`llada-cpt checkpoint verify {p.parent}` lists them; pass them with --ckpts)")
     _check_same_model_config(paths)
     inputs = [TorchDistCheckpoint(p) for p in paths]
     first = inputs[0]

@@ -157,6 +157,14 @@ def test_resume_from_a_weights_only_checkpoint_says_init_from(run_dir, tmp_path)
     assert_clean_error(proc, "train", "cannot be resumed", "weights only", "train.init_from=")
 
 
+def test_merge_of_a_damaged_checkpoint_is_one_line(copy, tmp_path):
+    _truncate(copy / "iter_0000002" / SHARD)
+    proc = run(cli("merge", "--run-dir", str(copy), "--top-k", "2", "--out", str(tmp_path / "merged")), cwd=tmp_path)
+    assert_clean_error(proc, "merge", f"checkpoint {copy / 'iter_0000002'} is incomplete or corrupt",
+                       "unexpected end of data", "checkpoint verify")
+    assert not (tmp_path / "merged").exists()
+
+
 # ------------------------------------------------------------------------------------ full disk: offline tools
 def _no_leftovers(parent: Path, name: str) -> None:
     assert not (parent / name).exists()

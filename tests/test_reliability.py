@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import (REPO, TINY_CONFIG, TINY_RUN, Background, cli, latest_name, run, signal_tree, step_log,
-                         wait_until)
+from run_helpers import (REPO, TINY_CONFIG, TINY_RUN, Background, assert_clean_error, cli, file_size_limited,
+                         latest_name, run, signal_tree, step_log, wait_until)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -178,6 +178,29 @@ def test_kill_during_save_keeps_previous_latest_and_resume_matches(tmp_path, unb
     assert losses(save) == unbroken  # steps 3-4 were logged twice; the resumed run's values count
 
 
+# --------------------------------------------------------------------------- a full disk during a save
+def test_full_disk_during_a_save_keeps_latest_and_resume_matches(tmp_path, unbroken):
+    """The save of step 2 hits the file-size limit (EFBIG; a full disk gives ENOSPC, handled alike): one line
+    saying so and where, the partial directory removed, `latest` still on step 1; with space back, the
+    same command resumes from step 1 and logs exactly the unbroken run's losses."""
+    save = tmp_path / "ck"
+    stop_file = tmp_path / "stop"
+    stop_file.touch()  # a stop request from the start: checkpoint after step 1, exit 3
+    proc = run(train_argv(save), cwd=tmp_path, LLADA_CPT_STOP_FILE=str(stop_file))
+    assert proc.returncode == 3 and latest_name(save) == "iter_0000001", proc.stderr[-3000:]
+
+    proc = run(file_size_limited(train_argv(save), 4 << 20), cwd=tmp_path)  # a shard of the demo is ~14 MB
+    assert_clean_error(proc, "train", f"disk full while saving checkpoint iter_0000002 in {save}",
+                       "removed the partial iter_0000002.tmp", "`latest` still names iter_0000001", "free space")
+    assert latest_name(save) == "iter_0000001"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000001"]
+
+    proc = run(train_argv(save), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {save / 'iter_0000001'} at step 1" in proc.stdout
+    assert losses(save) == unbroken
+
+
 # --------------------------------------------------------------------------- NaN / Inf
 def _nan_run(rank: int, world: int, save_dir: str, policy: str, steps: int, bad_grad_step: int,
              bad_loss_step: int):
@@ -203,9 +226,9 @@ def _nan_run(rank: int, world: int, save_dir: str, policy: str, steps: int, bad_
             changed[step - 1] = not torch.equal(prev["w"], now)
         prev["w"] = now
 
-    def forward_backward(chunks, batches, forward_only=False):
+    def forward_backward(chunks, batches, forward_only=False, **kw):  # kw: the stage's loss_fn
         if forward_only:
-            return original_fb(chunks, batches, forward_only=True)
+            return original_fb(chunks, batches, forward_only=True, **kw)
         calls.append(None)
         step = len(calls)
         snapshot(chunks, step)
@@ -213,7 +236,7 @@ def _nan_run(rank: int, world: int, save_dir: str, policy: str, steps: int, bad_
         hooks = []
         if step == bad_grad_step and rank == world - 1:
             hooks = [params[-1].register_hook(lambda g: g * float("nan"))]
-        res = original_fb(chunks, batches, forward_only=False)
+        res = original_fb(chunks, batches, forward_only=False, **kw)
         for h in hooks:
             h.remove()
         if step == bad_loss_step:
