@@ -219,3 +219,82 @@ def test_init_from_a_checkpoint_of_another_vocabulary_is_one_error_line(tmp_path
                cwd=tmp_path, timeout=300)
     assert_clean_error(proc, "train", "embeddings for 8192 tokens", "tokenizer has 4096 tokens")
     assert not (tmp_path / "ck").exists()
+
+
+# ------------------------------------------------------------------------------------ the range table itself
+# numeric fields whose rules are cross-field checks in config/validation.py rather than a plain range
+CHECKED_WITH_OTHERS = {
+    "model.rope_scaling_factor", "model.rope_low_freq_factor", "model.rope_high_freq_factor",
+    "model.rope_original_max_position_embeddings", "model.moe_router_topk", "parallel.tensor_model_parallel_size",
+    "parallel.pipeline_model_parallel_size", "parallel.context_parallel_size", "parallel.expert_model_parallel_size",
+    "diffusion.mask_ratio_min", "diffusion.mask_ratio_max", "diffusion.reference_block_size", "data.seq_length",
+    "train.micro_batch_size", "train.global_batch_size", "sft.valid_fraction", "sft.block_size",
+    "dpo.valid_fraction", "dpo.block_size",
+}
+
+
+def _numeric_fields() -> List[str]:
+    import dataclasses
+    import typing
+
+    from llada_cpt.config.schema import Config
+
+    out, root = [], Config()
+    for section in dataclasses.fields(root):
+        value = getattr(root, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            kinds = set(typing.get_args(hints[f.name]) or (hints[f.name],)) - {type(None)}
+            if kinds and kinds <= {int, float}:
+                out.append(f"{section.name}.{f.name}")
+    return out
+
+
+def test_every_numeric_config_field_has_a_range():
+    """A new numeric field needs a range in config/ranges.py (or a cross-field rule listed above)."""
+    from llada_cpt.config.ranges import RANGES
+
+    ranged = {path for path, _ in RANGES}
+    missing = [p for p in _numeric_fields() if p not in ranged and p not in CHECKED_WITH_OTHERS]
+    assert not missing, f"numeric config fields without a range: {missing}"
+
+
+def _outside_and_inside(interval: str) -> tuple:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    outside = [lo if interval[0] == "(" else lo - 1]
+    if hi != float("inf"):
+        outside.append(hi if interval[-1] == ")" else hi + 0.5)
+    inside = lo if interval[0] == "[" else (lo + 0.5 if hi == float("inf") else (lo + hi) / 2)
+    return outside + [float("nan")], inside
+
+
+def test_each_range_is_enforced_at_its_boundary():
+    import typing
+
+    from llada_cpt.config import load_config, validate
+    from llada_cpt.config.ranges import RANGES
+    from llada_cpt.errors import ConfigError
+
+    base = load_config(TINY_CONFIG)
+    for path, interval in RANGES:
+        section, name = path.split(".")
+        hint = typing.get_type_hints(type(getattr(base, section)))[name]
+        is_int = int in (typing.get_args(hint) or (hint,))
+        outside, inside = _outside_and_inside(interval)
+        for value in outside + [inside]:
+            if is_int and value != value:  # NaN is not an int
+                continue
+            cfg = load_config(TINY_CONFIG)
+            setattr(getattr(cfg, section), name, int(value) if is_int else value)
+            try:
+                validate(cfg)
+                message = ""
+            except ConfigError as err:
+                message = str(err)
+            complaint = f"{path}={getattr(getattr(cfg, section), name)} is out of range"
+            if value is inside:
+                assert complaint not in message, (path, value, message)
+            else:
+                assert complaint in message, (path, value, message)
