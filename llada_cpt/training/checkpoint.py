@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint_verify import damaged, require_complete
 from ..config.loader import dump_config
@@ -106,7 +107,7 @@ def _disk_full_stops_cleanly(root: Path, tmp: Path):
         raise
     except BaseException as err:  # DCP's CheckpointException (a BaseException) wraps the OSError, or its text
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint_name(root)
+        previous = _latest_name(root)
         keep = f"`latest` still names {previous}" if previous else "there is no earlier checkpoint"
         reraise_disk_full(err, f"saving checkpoint {tmp.name[:-4]} in {root}",
                           f"removed the partial {tmp.name}, {keep}; free space and run the same command again "
@@ -121,7 +122,7 @@ def _disk_full_stops_cleanly(root: Path, tmp: Path):
         raise
 
 
-def latest_checkpoint_name(save_dir: Path) -> Optional[str]:
+def _latest_name(save_dir: Path) -> Optional[str]:
     pointer = Path(save_dir) / LATEST
     return pointer.read_text().strip() if pointer.is_file() else None
 
@@ -193,7 +194,8 @@ def load_checkpoint(
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))  # also returns the common (non-sharded) items
-    except (EOFError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
+            CheckpointException) as err:  # (DCP's CheckpointException is a BaseException)
         raise damaged(path, err) from err
     chunks = [unwrap(m) for m in model_chunks]
     if len(chunks) == 1:
