@@ -18,8 +18,10 @@ SGD_LR = 0.05
 
 
 def _step(stage, run, forward_only):
+    from llada_cpt.training.loop import run_step
+
     data = stage.step_data(run, stage.block)
-    res = stage.forward_backward(run, data.micro_batches, forward_only)
+    res = run_step(run, stage, data.micro_batches, forward_only)
     return data, {"loss": res.loss, "pairs": res.num_eligible, **res.metrics}
 
 
@@ -27,7 +29,7 @@ def _layouts(rank: int, world: int, out: str) -> dict:
     """TP=1 x DP=2 from scratch (reference = the initial weights), then TP=2, CP=2, PP=2 from checkpoints."""
     from llada_cpt.stages.dpo import DPOStage
     from llada_cpt.training import checkpoint as ckpt
-    from llada_cpt.training.loop import build_run
+    from llada_cpt.training.loop import build_run, run_step
 
     results = {}
     cfg = small_config("dpo")
@@ -40,7 +42,7 @@ def _layouts(rank: int, world: int, out: str) -> dict:
         for chunk in run.model_chunks:
             for p in chunk.parameters():
                 p.add_(p.main_grad, alpha=-SGD_LR)
-    after = stage.forward_backward(run, data.micro_batches, forward_only=True)
+    after = run_step(run, stage, data.micro_batches, forward_only=True)
     results["after_sgd"] = {"loss": after.loss, **after.metrics}
     ckpt.save_checkpoint(f"{out}/w1", 1, run.model_chunks, None, None, {}, cfg)
 
@@ -57,7 +59,8 @@ def _layouts(rank: int, world: int, out: str) -> dict:
     results["cp2"] = policy_w1("parallel.context_parallel_size=2")
     results["pp2"] = policy_w1("parallel.pipeline_model_parallel_size=2")  # reference pass pipelined too
     # a precomputed reference: one pass of the starting weights (the policy is w0 here)
-    from llada_cpt.stages.dpo import REFERENCE_ELBO, build_reference
+    from llada_cpt.stages.dpo import REFERENCE_ELBO
+    from llada_cpt.training.reference import build_reference
     from llada_cpt.training.step import forward_backward
 
     c = small_config("dpo", f"train.init_from={out}/w0", "dpo.reference=precomputed")
@@ -68,7 +71,7 @@ def _layouts(rank: int, world: int, out: str) -> dict:
     s.position = 0
     batches = s.step_data(r, s.block).micro_batches
     s._attach_reference(r, batches)
-    live = forward_backward(build_reference(c, r, s.init), batches, forward_only=True, loss_fn=REFERENCE_ELBO)
+    live = forward_backward(build_reference(c, r, s.init.path), batches, forward_only=True, loss_fn=REFERENCE_ELBO)
     results["cached_vs_live"] = [(b.ref_elbo, o["elbo"]) for b, o in zip(batches, live.outputs)]
     return results
 

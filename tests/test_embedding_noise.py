@@ -147,9 +147,9 @@ def _noise_free_eval_and_sampling(rank: int, world: int) -> dict:
 
     from llada_cpt.inference.generation import generate
     from llada_cpt.inference.sampler import SamplerConfig
-    from llada_cpt.stages.common import resolve_tokenizer
+    from llada_cpt.data.tokenizer import resolve_tokenizer
     from llada_cpt.stages.sft import SFTStage
-    from llada_cpt.training.loop import build_run, evaluate
+    from llada_cpt.training.loop import build_run, evaluate, run_step
 
     cfg = small_config("sft", "diffusion.embedding_noise_steps=10", "diffusion.embedding_noise_std=1.0")
     stage = SFTStage(cfg)
@@ -157,12 +157,12 @@ def _noise_free_eval_and_sampling(rank: int, world: int) -> dict:
     run.embedding_noise.set_step(run.iteration)  # what the loop does before a step
     batches = stage.step_data(run, 32).micro_batches
     sampler = SamplerConfig(block_size=32, threshold=0.9, max_new_tokens=16, temperature=0.0, mask_id=run.mask_id,
-                            eos_id=resolve_tokenizer(cfg, None).eod_id, vocab_size=run.vocab_size,
+                            eos_id=resolve_tokenizer(cfg.data).eod_id, vocab_size=run.vocab_size,
                             context_length=cfg.data.seq_length)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
 
     def measure():
-        train = stage.forward_backward(run, batches, forward_only=True).loss  # a training-mode forward
+        train = run_step(run, stage, batches, forward_only=True).loss  # a training-mode forward
         val = evaluate(run, stage, 32)["loss"]
         out = generate(run.model_chunks, prompts, sampler)
         return train, val, [r.completion_ids for r in out], [r.token_logprobs for r in out]

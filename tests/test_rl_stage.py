@@ -148,7 +148,7 @@ def _ppo_step_layouts(rank: int, world: int, out: str) -> dict:
     from llada_cpt.rl import PPOConfig
     from llada_cpt.stages.rl import RLStage
     from llada_cpt.training import checkpoint as ckpt
-    from llada_cpt.training.loop import build_run
+    from llada_cpt.training.loop import build_run, run_step
 
     results = {}
     for layout, over in (("tp1", []), ("tp2", ["parallel.tensor_model_parallel_size=2"]),
@@ -173,7 +173,7 @@ def _ppo_step_layouts(rank: int, world: int, out: str) -> dict:
             batches = [stage._batch(mine[i:i + 2], L, pad) for i in range(0, len(mine), 2)]
             stage.ppo = ppo
             run.optimizer.zero_grad()
-            res = stage.forward_backward(run, batches, forward_only=False)
+            res = run_step(run, stage, batches, forward_only=False)
             grads = [p.main_grad.detach().clone() for c in run.model_chunks for p in c.parameters()]
             results[f"{layout}_{case}"] = {"loss": res.loss, "metrics": dict(res.metrics), "grads": grads}
             if case == "entropy" and layout != "cp2":

@@ -78,7 +78,7 @@ def _trained_sft(out: str):
     right (CAP acts on them)."""
     from llada_cpt.stages.sft import SFTStage
     from llada_cpt.training import checkpoint as ckpt
-    from llada_cpt.training.loop import build_run
+    from llada_cpt.training.loop import build_run, run_step
 
     cfg = small_config("sft", "train.lr=3e-3")
     stage = SFTStage(cfg)
@@ -86,7 +86,7 @@ def _trained_sft(out: str):
     for _ in range(2):
         data = stage.step_data(run, 32)
         run.optimizer.zero_grad()
-        stage.forward_backward(run, data.micro_batches, forward_only=False)
+        run_step(run, stage, data.micro_batches, forward_only=False)
         run.optimizer.step()
     ckpt.save_checkpoint(f"{out}/w", 2, run.model_chunks, None, None, {}, cfg)
     return cfg, stage, run
@@ -95,7 +95,7 @@ def _trained_sft(out: str):
 def _sft_layouts(rank: int, world: int, out: str) -> dict:
     """TP=1 x DP=2: plain SFT vs CAP(0) vs CAP(0.5) gradients; TP=2 and PP=2 from the same weights: the losses."""
     from llada_cpt.stages.sft import SFTStage, sft_loss
-    from llada_cpt.training.loop import build_run
+    from llada_cpt.training.loop import build_run, run_step
 
     results = {}
     cfg, stage, run = _trained_sft(out)
@@ -104,7 +104,7 @@ def _sft_layouts(rank: int, world: int, out: str) -> dict:
     for name, lam in (("plain", None), ("cap0", 0.0), ("cap", 0.5)):
         stage.loss = sft_loss(lam)
         run.optimizer.zero_grad()  # as the loop does: drops the param.grad views the optimizer step left
-        res = stage.forward_backward(run, batches, forward_only=False)
+        res = run_step(run, stage, batches, forward_only=False)
         results[name] = {"loss": res.loss, "eligible": res.num_eligible, "metrics": res.metrics, "grads": _grads(run)}
     for layout, parallel in (("tp2", "tensor"), ("pp2", "pipeline")):
         other = small_config("sft", f"train.init_from={out}/w", f"parallel.{parallel}_model_parallel_size=2")
@@ -115,7 +115,7 @@ def _sft_layouts(rank: int, world: int, out: str) -> dict:
         for name, lam in (("plain", None), ("cap", 0.5)):
             stage2.loss = sft_loss(lam)
             run2.optimizer.zero_grad()
-            res = stage2.forward_backward(run2, batches2, forward_only=False)
+            res = run_step(run2, stage2, batches2, forward_only=False)
             results[f"{layout}_{name}"] = {"loss": res.loss, "eligible": res.num_eligible, "metrics": res.metrics}
     return results
 
@@ -238,7 +238,7 @@ def _sft_noise_cap_layouts(rank: int, world: int, out: str) -> dict:
     """With masked-embedding noise on: plain SFT and CAP losses / metrics under DP2 x 1 micro-batch, DP2 x 2,
     DP1 (TP2) x 2 and DP1 (TP2) x 4 micro-batches from the same weights; on DP2 x 1 also CAP by hand."""
     from llada_cpt.stages.sft import SFTStage, sft_loss
-    from llada_cpt.training.loop import build_run
+    from llada_cpt.training.loop import build_run, run_step
 
     position = _trained_sft(out)[1].position
     results = {}
@@ -253,7 +253,7 @@ def _sft_noise_cap_layouts(rank: int, world: int, out: str) -> dict:
         for loss_name, lam in (("plain", None), ("cap", CAP_LAMBDA)):
             stage2.loss = sft_loss(lam)
             run2.optimizer.zero_grad()
-            res = stage2.forward_backward(run2, batches, forward_only=False)
+            res = run_step(run2, stage2, batches, forward_only=False)
             results[f"{name}_{loss_name}"] = {"loss": res.loss, "metrics": res.metrics, "grads": _grads(run2)}
         if name == "dp2_mb1":
             results["hand"] = _hand_cap(run2, batches)

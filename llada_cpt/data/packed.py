@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["PackedDataset", "PackedBatchIterator", "doc_ids_from_eod", "parse_blend"]
+__all__ = ["PackedDataset", "PackedBatchIterator", "doc_ids_from_eod", "parse_blend", "blend_from_config"]
 
 BlendSpec = Sequence[Union[str, Tuple[str, float]]]
 SPLIT_NAMES = ("train", "valid", "test")
@@ -48,6 +48,24 @@ def doc_ids_from_eod(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
     """
     eod = (tokens == eod_id).long()
     return torch.cumsum(eod, dim=-1) - eod
+
+
+def blend_from_config(entries: Sequence[str]) -> BlendSpec:
+    """``data.train_data`` / ``data.valid_data`` (``["prefix", ...]`` or ``["0.3 prefix_a", "0.7 prefix_b"]``,
+    Megatron's blend syntax) as a :data:`BlendSpec`."""
+    out: list = []
+    for e in entries:
+        parts = str(e).split()
+        if len(parts) == 2:
+            try:
+                out.append((parts[1], float(parts[0])))
+                continue
+            except ValueError:
+                pass
+        if len(parts) != 1:
+            raise ConfigError(f"data.train_data entry `{e}` must be `prefix` or `weight prefix`")
+        out.append(parts[0])
+    return out
 
 
 def parse_blend(blend: BlendSpec) -> Tuple[List[str], Optional[List[float]]]:

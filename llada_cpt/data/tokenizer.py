@@ -21,10 +21,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .records import read_json_if_present
 
-__all__ = ["Tokenizer", "train_sentencepiece", "MASK_TOKEN", "MASK_TOKEN_CANDIDATES", "EOD_TOKEN_CANDIDATES"]
+__all__ = ["Tokenizer", "train_sentencepiece", "tokenizer_path", "resolve_tokenizer",
+           "MASK_TOKEN", "MASK_TOKEN_CANDIDATES", "EOD_TOKEN_CANDIDATES"]
 
 MASK_TOKEN = "[MASK]"
 # Spellings used by existing diffusion LMs; an existing one is reused instead of adding ours.
@@ -218,6 +219,30 @@ def train_sentencepiece(
     with open(output_path, "wb") as f:
         f.write(model.getvalue())
     return Tokenizer.from_file(output_path)
+
+
+def tokenizer_path(data: Any, inherited: Optional[dict] = None) -> Optional[str]:
+    """The tokenizer file of a run: ``data.tokenizer``, else the demo corpus's (``data.demo``, or a demo run
+    whose ``data`` section ``inherited`` is: the init checkpoint's), else ``inherited["tokenizer"]``;
+    ``None`` where none is named.  The one place that decides it (training stages, inference)."""
+    theirs = inherited or {}
+    if data.tokenizer:
+        return data.tokenizer
+    if data.demo or (theirs.get("demo") and not theirs.get("tokenizer")):
+        from .demo_corpus import ensure_demo_data
+
+        return ensure_demo_data(data.cache_dir if data.demo else theirs.get("cache_dir")).tokenizer_path
+    return theirs.get("tokenizer") or None
+
+
+def resolve_tokenizer(data: Any, inherited: Optional[dict] = None,
+                      missing: str = "no tokenizer: set data.tokenizer (the one the init checkpoint was trained "
+                                     "with) or data.demo=true") -> "Tokenizer":
+    """:func:`tokenizer_path` loaded; :class:`ConfigError` ``missing`` where no tokenizer is named."""
+    path = tokenizer_path(data, inherited)
+    if path is None:
+        raise ConfigError(missing)
+    return Tokenizer.from_file(path)
 
 
 # --------------------------------------------------------------------- loaders

@@ -116,14 +116,11 @@ def block_size_warning(info: CheckpointInfo, block_size: int) -> Optional[str]:
 
 
 def _load_tokenizer(cfg: Config):
-    from ..data.tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer, tokenizer_path
 
-    if cfg.data.tokenizer:
-        return Tokenizer.from_file(cfg.data.tokenizer)
-    if cfg.data.demo:
-        from ..data.demo_corpus import ensure_demo_data
-
-        return Tokenizer.from_file(ensure_demo_data(cfg.data.cache_dir).tokenizer_path)
+    path = tokenizer_path(cfg.data)
+    if path is not None:
+        return Tokenizer.from_file(path)
     raise CheckpointError("the checkpoint's config.yaml names no tokenizer (data.tokenizer) and is not a demo run; "
                           "the run's tokenizer is needed to encode prompts")
 

@@ -3,8 +3,8 @@
 ``llada-cpt eval --ckpt PATH [--data PREFIX ...] [--block-size B]`` evaluates the
 block-diffusion ELBO at block size ``B`` on packed sequences of the given
 indexed datasets (default: the run's own validation data) with exactly the
-training loop's machinery: :func:`llada_cpt.stages.cpt.make_batch` (noise seeded
-by sample position; salt ``valid`` as in training, so the first samples
+training loop's validation (:mod:`llada_cpt.training.validation`: noise seeded
+by sample position, salt ``valid`` as in training, so the first samples
 reproduce the run's logged validation loss) and
 :func:`llada_cpt.training.step.forward_backward` with ``forward_only=True``.
 ``--mc-samples k`` averages ``k`` independent noise draws.
@@ -17,7 +17,6 @@ chat template) and scores the final ``\\boxed{}`` with
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -60,9 +59,9 @@ def _eval_prefixes(args: argparse.Namespace, cfg) -> List:
                                 "pass the prefix written by `llada-cpt preprocess`")
         return list(args.data)
     if cfg.data.valid_data:
-        from ..stages.cpt import _parse_blend
+        from ..data.packed import blend_from_config
 
-        return _parse_blend(cfg.data.valid_data)
+        return blend_from_config(cfg.data.valid_data)
     if cfg.data.demo:
         from ..data.demo_corpus import ensure_demo_data
 
@@ -72,13 +71,16 @@ def _eval_prefixes(args: argparse.Namespace, cfg) -> List:
 
 def validation_loss(m, prefixes: List, block_size: int, seq_length: int, micro_batch_size: int = 4,
                     max_samples: int = 64, mc_samples: int = 1) -> dict:
-    """ELBO loss / perplexity of ``m`` (an ``InferenceModel``) on packed sequences; same on every rank."""
-    import torch
+    """ELBO loss / perplexity of ``m`` (an ``InferenceModel``) on packed sequences; same on every rank.
+
+    The batches and the loss are the training loop's validation (:mod:`llada_cpt.training.validation`).
+    """
     from megatron.core import parallel_state as ps
 
     from ..data.packed import PackedDataset
-    from ..stages.cpt import make_batch
+    from ..diffusion.seeded import noise_config
     from ..training.step import forward_backward
+    from ..training.validation import elbo_loss, packed_eval_batches
 
     cfg = m.config
     if block_size < seq_length and seq_length % block_size:
@@ -96,18 +98,13 @@ def validation_loss(m, prefixes: List, block_size: int, seq_length: int, micro_b
                         f"micro-batch per data-parallel rank ({per_step}); lower --micro-batch-size or --seq-length")
     batches = []
     for mc in range(mc_samples):
-        salt = "valid" if mc == 0 else f"valid{mc}"
-        for first in range(dp_rank * micro_batch_size, n, per_step):
-            samples = [ds[i] for i in range(first, first + micro_batch_size)]
-            tokens = torch.stack([s["tokens"] for s in samples])
-            docs = torch.stack([s["doc_ids"] for s in samples])
-            batches.append(make_batch(tokens, docs, range(first, first + micro_batch_size), block_size,
-                                      m.info.mask_id, cfg, salt=salt))
+        groups = packed_eval_batches(ds, micro_batch_size, dp_rank, dp, n // per_step, block_size, m.info.mask_id,
+                                     noise_config(cfg.diffusion), cfg.train.seed,
+                                     salt="valid" if mc == 0 else f"valid{mc}")
+        batches += [b for group in groups for b in group]
     m.model.eval()
-    with torch.no_grad():
-        res = forward_backward([m.model], batches, forward_only=True)
-    loss = res.loss_sum / max(res.num_eligible, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "sequences": n, "tokens": res.num_eligible,
+    r = elbo_loss([batches], lambda step: forward_backward([m.model], step, forward_only=True))
+    return {"loss": r["loss"], "ppl": r["ppl"], "sequences": n, "tokens": int(r["tokens"]),
             "block_size": block_size, "seq_length": seq_length, "mc_samples": mc_samples}
 
 

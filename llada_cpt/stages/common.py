@@ -6,8 +6,8 @@
   are the defaults / checks of the next stage.
 * :func:`resolve_post_training`: what a stage takes from that checkpoint, written
   into the config *before* it is validated (and so saved as validated).
-* :func:`resolve_tokenizer`, :func:`resolve_block_size`, :func:`data_paths`.
-* :class:`PackedSplit`: packed JSONL sequences split into train / validation,
+* :func:`resolve_block_size`, :func:`data_paths`.
+* :class:`PackedSplit` (built by :func:`load_packed_split`): packed JSONL sequences split into train / validation,
   the epoch order of the training sequences and the rows of every micro-batch.
   Row ``p`` of the run (a global sample position) is the same sequence with the
   same noise whatever the data-parallel split, so loss and resume do not depend
@@ -29,9 +29,9 @@ from ..config.schema import Config, ModelConfig, PostTrainDataConfig
 from ..errors import ConfigError, DataError
 from ..training.loop import Run, StepData
 
-__all__ = ["say", "InitCheckpoint", "init_or_none", "Resolved", "resolve_post_training", "resolve_tokenizer",
-           "resolve_block_size", "data_paths",
-           "bundled_path", "PackedSplit", "collate_rows", "print_stats"]
+__all__ = ["say", "InitCheckpoint", "init_or_none", "Resolved", "resolve_post_training", "resolve_block_size",
+           "data_paths",
+           "bundled_path", "PackedSplit", "load_packed_split", "collate_rows", "print_stats"]
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
 
@@ -121,26 +121,6 @@ class InitCheckpoint:
         if diff:
             raise ConfigError(f"the model section differs from the one {self.path} was trained with "
                               f"({'; '.join(diff)}); use that checkpoint's model settings")
-
-
-def resolve_tokenizer(cfg: Config, init: Optional[InitCheckpoint]):
-    """``data.tokenizer``, the demo tokenizer (``data.demo``), or the init checkpoint's own."""
-    from ..data.tokenizer import Tokenizer
-
-    d = cfg.data
-    theirs = init.section("data") if init else {}
-    if d.tokenizer:
-        path = d.tokenizer
-    elif d.demo or (theirs.get("demo") and not theirs.get("tokenizer")):
-        from ..data.demo_corpus import ensure_demo_data
-
-        path = ensure_demo_data(d.cache_dir if d.demo else theirs.get("cache_dir")).tokenizer_path
-    elif theirs.get("tokenizer"):
-        path = theirs["tokenizer"]
-    else:
-        raise ConfigError("no tokenizer: set data.tokenizer (the one the init checkpoint was trained with) "
-                          "or data.demo=true")
-    return Tokenizer.from_file(path)
 
 
 def resolve_block_size(stage: str, cfg: Config, init: Optional[InitCheckpoint]) -> tuple[int, str]:
@@ -295,6 +275,26 @@ class PackedSplit:
         if n is not None and n != len(self.train):
             say(f"note: the {what} data packs into {len(self.train)} training sequences, the checkpoint saw {n}; "
                 "the data position continues but the order differs from the original run")
+
+
+def load_packed_split(stage: str, cfg: Config, tokenizer: Any, block: int, block_source: str,
+                      load: Callable, bundled: str) -> PackedSplit:
+    """A post-training stage's JSONL (``<stage>.data``, :func:`data_paths`) read by ``load(paths, tokenizer,
+    SFTDataConfig)`` (SFT samples, preference pairs), packed to whole blocks of ``block``, reported, and split
+    into train / validation (``<stage>.valid_data``, else every n-th sequence held out)."""
+    from ..data.sft import SFTDataConfig
+
+    section: PostTrainDataConfig = getattr(cfg, stage)
+    data_cfg = SFTDataConfig(cfg.data.seq_length, block, section.chat_template, section.overlong, section.pad_loss)
+    paths = data_paths(section, cfg, stage, bundled)
+    train = load(paths, tokenizer, data_cfg)
+    print_stats(stage, train.stats, block, block_source, paths)
+    valid = None
+    if section.valid_data:
+        held = load(section.valid_data, tokenizer, data_cfg)
+        print_stats(f"{stage} validation", held.stats, block, block_source, section.valid_data)
+        valid = held.sequences
+    return PackedSplit.build(train.sequences, valid, section.valid_fraction, cfg.data.seed, f"{stage} data")
 
 
 def print_stats(what: str, stats: Any, block: int, source: str, paths: Sequence[str]) -> None:

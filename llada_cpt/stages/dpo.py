@@ -49,19 +49,20 @@ from megatron.core import parallel_state
 
 from ..config.schema import Config
 from ..data.preference import collate_pairs, load_preference_dataset
-from ..data.sft import SFTDataConfig
+from ..data.tokenizer import resolve_tokenizer
 from ..diffusion.dpo import dpo_loss, elbo_from_token_loss, sample_pair_noise
 from ..diffusion.inputs import DiffusionBatch, build_diffusion_batch
 from ..diffusion.loss import weighted_loss_terms
+from ..diffusion.seeded import noise_config, sample_seed
 from ..errors import ConfigError
 from ..training.distributed import device as current_device
 from ..training.loop import Run, StepData
-from ..training.step import StepLoss, StepResult, forward_backward
-from .common import (InitCheckpoint, PackedSplit, collate_rows, data_paths, print_stats, resolve_post_training,
-                     resolve_tokenizer, say)
-from .cpt import noise_config, sample_seed
+from ..training.reference import build_reference
+from ..training.stage import Stage
+from ..training.step import StepLoss, forward_backward
+from .common import InitCheckpoint, PackedSplit, collate_rows, load_packed_split, resolve_post_training, say
 
-__all__ = ["PairBatch", "DPOStage", "dpo_step_loss", "REFERENCE_ELBO", "build_reference", "main"]
+__all__ = ["PairBatch", "DPOStage", "dpo_step_loss", "REFERENCE_ELBO", "main"]
 
 DPO_SUMS = ("pairs", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "chosen_elbo",
             "rejected_elbo", "ref_chosen_elbo", "ref_rejected_elbo")
@@ -143,35 +144,6 @@ def dpo_step_loss(beta: float) -> StepLoss:
                     finalize=_dpo_metrics)
 
 
-def build_reference(cfg: Config, run: Run, init: Optional[InitCheckpoint]) -> list:
-    """A frozen copy of the starting policy, same layout and ranks; the RNG streams are left untouched."""
-    from megatron.core import tensor_parallel
-
-    from ..model.provider import build_model
-    from ..training import checkpoint as ckpt
-    from ..training.distributed import unwrap
-
-    if init is None and run.iteration > 0:
-        raise ConfigError("a DPO run without train.init_from cannot resume: its reference (the random initial "
-                          "weights) is not saved; start from a checkpoint with train.init_from")
-    cpu_rng = torch.get_rng_state()
-    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
-    try:
-        chunks = build_model(cfg.model, cfg.parallel, cfg.train.precision, run.vocab_size)
-    finally:
-        torch.set_rng_state(cpu_rng)
-        tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
-    if init is not None:
-        ckpt.load_checkpoint(init.path, chunks, restore_rng=False)
-    else:
-        for ref, policy in zip(chunks, run.model_chunks):
-            ref.load_state_dict(unwrap(policy).state_dict())
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return chunks
-
-
 def _pair_offsets(sequences: Sequence[dict], start: int = 0) -> List[int]:
     """Id of the first pair of each sequence (pairs numbered through the dataset)."""
     out, n = [], start
@@ -181,13 +153,13 @@ def _pair_offsets(sequences: Sequence[dict], start: int = 0) -> List[int]:
     return out + [n]
 
 
-class DPOStage:
+class DPOStage(Stage):
     """Packed preference pairs; DPO on the ELBO against a frozen or precomputed reference."""
 
     name = "dpo"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.loss = dpo_step_loss(cfg.dpo.beta)
         self.position = 0
         self.split: Optional[PackedSplit] = None
@@ -224,21 +196,12 @@ class DPOStage:
         if not self.block:
             self.resolve_config(cfg)
         source, lr, lr_source = self.block_source, cfg.train.lr, self.lr_source
-        tok = resolve_tokenizer(cfg, self.init)
+        tok = resolve_tokenizer(cfg.data, self.init.section("data") if self.init else None)
         if self.precomputed and cfg.diffusion.reference_block_size not in (None, self.block):
             raise ConfigError("dpo.reference=precomputed caches the reference ELBOs at the training block size "
                               f"{self.block}; unset diffusion.reference_block_size or use dpo.reference=model")
         d = cfg.dpo
-        data_cfg = SFTDataConfig(cfg.data.seq_length, self.block, d.chat_template, d.overlong, d.pad_loss)
-        paths = data_paths(d, cfg, "dpo", "dpo_demo.jsonl")
-        train = load_preference_dataset(paths, tok, data_cfg)
-        print_stats("dpo", train.stats, self.block, source, paths)
-        valid = None
-        if d.valid_data:
-            held = load_preference_dataset(d.valid_data, tok, data_cfg)
-            print_stats("dpo validation", held.stats, self.block, source, d.valid_data)
-            valid = held.sequences
-        self.split = PackedSplit.build(train.sequences, valid, d.valid_fraction, cfg.data.seed, "dpo data")
+        self.split = load_packed_split("dpo", cfg, tok, self.block, source, load_preference_dataset, "dpo_demo.jsonl")
         self.offsets = {"train": _pair_offsets(self.split.train)}
         self.offsets["valid"] = _pair_offsets(self.split.valid, self.offsets["train"][-1])
         self.pad_id = tok.pad_id
@@ -254,7 +217,7 @@ class DPOStage:
         """Rows of ``part`` (train / valid) with pair-shared noise seeded by ``keys``."""
         sequences = self.split.train if part == "train" else self.split.valid
         data = collate_rows(sequences, rows, self.pad_id, collate_pairs)
-        noise = noise_config(self.cfg)
+        noise = noise_config(self.cfg.diffusion)
         ts, ms = [], []
         for r, key in enumerate(keys):
             g = torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, key, f"dpo-{part}"))
@@ -334,15 +297,17 @@ class DPOStage:
                 b.ref_elbo = cache[b.pair_ids]
             return
         if self.reference is None:
-            self.reference = build_reference(self.cfg, run, self.init)
+            self.reference = build_reference(self.cfg, run, self.init.path if self.init else None)
         with torch.no_grad():
             res = forward_backward(self.reference, batches, forward_only=True, loss_fn=REFERENCE_ELBO)
         for b, out in zip(batches, res.outputs):  # last pipeline stage: the only one that computes the loss
             b.ref_elbo = out["elbo"]
 
-    def forward_backward(self, run: Run, batches: List[PairBatch], forward_only: bool) -> StepResult:
+    def before_step(self, run: Run, batches: List[PairBatch], forward_only: bool) -> None:
         self._attach_reference(run, batches)
-        return forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)
+
+    def step_loss(self, run: Run, batches: List[PairBatch]) -> StepLoss:
+        return self.loss
 
     # ----------------------------------------------------------------- state
 

@@ -46,18 +46,21 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from ..config.schema import Config
+from ..data.tokenizer import resolve_tokenizer
 from ..diffusion.cap import token_entropy
 from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.layout import AttentionLayout
+from ..diffusion.seeded import sample_seed
 from ..errors import ConfigError, DataError
 from ..parallel.cp_batch import full_token_values
 from ..rl import (DynamicSamplingConfig, PPOConfig, RewardConfig, RewardFunction, build_trajectory_inputs,
                   dynamic_sample, group_advantages, ppo_loss)
 from ..training.distributed import all_reduce_host
 from ..training.loop import Run, StepData
+from ..training.reference import build_reference
+from ..training.stage import Stage
 from ..training.step import StepLoss, StepResult, forward_backward
-from .common import bundled_path, init_or_none, resolve_tokenizer, say
-from .cpt import sample_seed
+from .common import bundled_path, init_or_none, say
 
 __all__ = ["RLBatch", "RLStage", "load_questions", "main"]
 
@@ -145,13 +148,13 @@ def _ppo_loss_func(batch: RLBatch, cfg: PPOConfig, logits: torch.Tensor):
     return terms.loss_sum, count, {"loss_terms": report, "metric_sums": sums}
 
 
-class RLStage:
+class RLStage(Stage):
     """Rollouts, rewards and trajectory rows on this DP rank; PPO on the shared loop."""
 
     name = "rl"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         r = cfg.rl
         if r.old_logprobs not in ("recompute", "rollout"):
             raise ConfigError(f"rl.old_logprobs must be recompute or rollout, got `{r.old_logprobs}`")
@@ -169,7 +172,7 @@ class RLStage:
 
     def prepare(self, cfg: Config) -> tuple[int, int]:
         self.init = init_or_none(cfg)
-        self.tokenizer = resolve_tokenizer(cfg, self.init)
+        self.tokenizer = resolve_tokenizer(cfg.data, self.init.section("data") if self.init else None)
         paths = cfg.rl.data or [bundled_path("arithmetic_rl.jsonl")]
         rows = load_questions(paths)
         n_valid = max(1, len(rows) // 20) if len(rows) > 1 else 0
@@ -353,22 +356,25 @@ class RLStage:
                     b.old_logp = out["logp"].cpu()
             if self.ppo.kl_coef:
                 if self.reference is None:
-                    from .dpo import build_reference
-
-                    self.reference = build_reference(self.cfg, run, self.init)
+                    self.reference = build_reference(self.cfg, run, self.init.path if self.init else None)
                 res = forward_backward(self.reference, batches, forward_only=True, loss_fn=LOGPROBS)
                 for b, out in zip(batches, res.outputs):
                     b.ref_logp = out["logp"].cpu()
 
-    def forward_backward(self, run: Run, batches: List[RLBatch], forward_only: bool) -> StepResult:
+    def before_step(self, run: Run, batches: List[RLBatch], forward_only: bool) -> None:
+        """Old (and reference) log-probs, and the global count of target tokens that normalises the metrics."""
         self._attach_logprobs(run, batches)
         count = torch.tensor([float(sum(int(b.target.sum()) for b in batches))], dtype=torch.float64)
         # every context-parallel rank holds the whole micro-batches: sum over data-parallel ranks only
         count = all_reduce_host(count, group=parallel_state.get_data_parallel_group())
         self._count = float(count)
-        res = forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=self.loss)
-        res.metrics.update(self.rollout_metrics)
-        return res
+
+    def step_loss(self, run: Run, batches: List[RLBatch]) -> StepLoss:
+        return self.loss
+
+    def after_step(self, run: Run, result: StepResult) -> StepResult:
+        result.metrics.update(self.rollout_metrics)
+        return result
 
     # ----------------------------------------------------------- validation
 
@@ -387,9 +393,6 @@ class RLStage:
         vals = all_reduce_host(vals, group=parallel_state.get_data_parallel_group())
         return {"val_accuracy": float(vals[0]) / max(float(vals[1]), 1.0),
                 "val_tpf": float(vals[2]) / max(float(vals[3]), 1.0), "val_block_size": block_size}
-
-    def eval_data(self, run: Run, block_size: int) -> list:
-        return []
 
     # ---------------------------------------------------------------- state
 

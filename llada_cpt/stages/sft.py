@@ -40,15 +40,16 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from ..config.schema import Config
-from ..data.sft import SFTDataConfig, collate_packed, load_sft_dataset
+from ..data.sft import collate_packed, load_sft_dataset
+from ..data.tokenizer import resolve_tokenizer
 from ..diffusion.cap import vocab_parallel_cap_confidence_terms, vocab_parallel_correct_count
 from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.loss import weighted_loss_terms
+from ..diffusion.seeded import make_batch, noise_config
 from ..training.loop import Run, StepData
-from ..training.step import ELBO_LOSS, StepLoss, StepResult, forward_backward
-from .common import (PackedSplit, Resolved, collate_rows, data_paths, print_stats, resolve_post_training,
-                     resolve_tokenizer, say)
-from .cpt import make_batch
+from ..training.stage import Stage
+from ..training.step import ELBO_LOSS, StepLoss, forward_backward
+from .common import PackedSplit, Resolved, collate_rows, load_packed_split, resolve_post_training, say
 
 __all__ = ["SFTStage", "CAPLoss", "sft_loss", "main"]
 
@@ -112,14 +113,15 @@ def sft_loss(cap_lambda: Optional[float]):
     return ELBO_LOSS if cap_lambda is None else CAPLoss(float(cap_lambda))
 
 
-class SFTStage:
+class SFTStage(Stage):
     """Packed SFT sequences; loss on response tokens; complementary masks; optional CAP."""
 
     name = "sft"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.loss = sft_loss(cfg.sft.cap_lambda)
+        self._step_loss = self.loss  # this step's loss (CAP: with the step's global counts, see before_step)
         self.position = 0  # global sample position of the next step
         self.split: Optional[PackedSplit] = None
         self.pad_id = 0
@@ -133,18 +135,9 @@ class SFTStage:
         if self.resolved is None:
             self.resolve_config(cfg)
         init, block, source = self.resolved.init, self.resolved.block, self.resolved.block_source
-        tok = resolve_tokenizer(cfg, init)
+        tok = resolve_tokenizer(cfg.data, init.section("data") if init else None)
         s = cfg.sft
-        data_cfg = SFTDataConfig(cfg.data.seq_length, block, s.chat_template, s.overlong, s.pad_loss)
-        paths = data_paths(s, cfg, "sft", "sft_demo.jsonl")
-        train = load_sft_dataset(paths, tok, data_cfg)
-        print_stats("sft", train.stats, block, source, paths)
-        valid = None
-        if s.valid_data:
-            held = load_sft_dataset(s.valid_data, tok, data_cfg)
-            print_stats("sft validation", held.stats, block, source, s.valid_data)
-            valid = held.sequences
-        self.split = PackedSplit.build(train.sequences, valid, s.valid_fraction, cfg.data.seed, "sft data")
+        self.split = load_packed_split("sft", cfg, tok, block, source, load_sft_dataset, "sft_demo.jsonl")
         self.pad_id = tok.pad_id
         cap = "off" if s.cap_lambda is None else f"lambda {s.cap_lambda}"
         say(f"sft: {len(self.split.train)} training / {len(self.split.valid)} validation sequences of "
@@ -155,8 +148,9 @@ class SFTStage:
                    block_size: int, mask_id: int, salt: str) -> DiffusionBatch:
         """Noise the rows (seeded per position) and lay them out; complementary rows follow as ``b + i``."""
         data = collate_rows(sequences, rows, self.pad_id, collate_packed)
-        return make_batch(data["tokens"], data["doc_ids"], positions, block_size, mask_id, self.cfg,
-                          eligible=data["eligible"], salt=salt, complementary=self.cfg.sft.complementary)
+        return make_batch(data["tokens"], data["doc_ids"], positions, block_size, mask_id,
+                          noise_config(self.cfg.diffusion), self.cfg.train.seed, eligible=data["eligible"], salt=salt,
+                          complementary=self.cfg.sft.complementary)
 
     def step_data(self, run: Run, block_size: int) -> StepData:
         def make(rows, positions):
@@ -173,13 +167,16 @@ class SFTStage:
 
         return self.split.eval_batches(self.cfg.train.micro_batch_size, run, self.cfg.logging.eval_iters, make)
 
-    def forward_backward(self, run: Run, batches: List[DiffusionBatch], forward_only: bool) -> StepResult:
-        loss = self.loss
-        if isinstance(loss, CAPLoss):  # L_conf's denominator: the global count of correct tokens, counted first
+    def before_step(self, run: Run, batches: List[DiffusionBatch], forward_only: bool) -> None:
+        """CAP: ``L_conf``'s denominator is the global count of correct tokens, counted first (forward only)."""
+        self._step_loss = self.loss
+        if isinstance(self.loss, CAPLoss):
             with torch.no_grad():
                 counted = forward_backward(run.model_chunks, batches, forward_only=True, loss_fn=CORRECT_COUNT)
-            loss = loss.step_loss(counted.num_eligible, counted.metrics["correct"])
-        return forward_backward(run.model_chunks, batches, forward_only=forward_only, loss_fn=loss)
+            self._step_loss = self.loss.step_loss(counted.num_eligible, counted.metrics["correct"])
+
+    def step_loss(self, run: Run, batches: List[DiffusionBatch]) -> StepLoss:
+        return self._step_loss
 
     def state_dict(self) -> dict:
         return {"position": self.position, **(self.split.state_dict() if self.split else {})}

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,10 @@ from . import checkpoint as ckpt
 from . import nan_guard
 from .flops import device_peak_flops, step_flops
 from .logger import TrainLogger
+from .validation import elbo_loss
+
+if TYPE_CHECKING:
+    from .stage import Stage
 
 
 @dataclass
@@ -36,29 +40,6 @@ class StepData:
     micro_batches: list[DiffusionBatch]
     data_indices: list[int] = field(default_factory=list)  # logged when a step goes bad
     skip_reason: Optional[str] = None  # the stage could not build a batch (RL dynamic sampling): no update
-
-
-class Stage(Protocol):
-    """The part that differs between CPT, SFT, DPO and RL."""
-
-    name: str
-
-    # Optional: ``resolve_config(cfg)`` writes the values a stage takes from ``train.init_from`` (SFT / DPO:
-    # block size, DPO: learning rate) into ``cfg`` before it is validated; ``prepare`` must not change ``cfg``.
-
-    def prepare(self, cfg: Config) -> tuple[int, int]:
-        """Load tokenizer / data; return ``(vocab_size, mask_id)``."""
-
-    def step_data(self, run: "Run", block_size: int) -> StepData: ...
-
-    # Optional: ``forward_backward(run, micro_batches, forward_only) -> StepResult`` replaces the
-    # default ELBO step (SFT: complementary masks / CAP loss; DPO: reference pass + DPO loss).
-
-    def eval_data(self, run: "Run", block_size: int) -> list[list[DiffusionBatch]]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -98,9 +79,7 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     from .optimizer import build_optimizer, build_scheduler
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolve = getattr(stage, "resolve_config", None)
-    if resolve is not None:  # values from train.init_from enter the config before it is validated (and saved)
-        resolve(cfg)
+    stage.resolve_config(cfg)  # values from train.init_from enter the config before it is validated (and saved)
     validate(cfg, world_size=world)
     resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:  # a damaged checkpoint fails here, in a second, not after building the model
@@ -160,13 +139,13 @@ def _loop_state(run: Run, stage: Stage) -> dict:
 
 
 def run_step(run: Run, stage: Stage, batches: list[DiffusionBatch], forward_only: bool):
-    """One forward(/backward) pass: the stage's own step if it has one, else the ELBO step."""
-    custom = getattr(stage, "forward_backward", None)
-    if custom is not None:
-        return custom(run, batches, forward_only)
+    """One forward(/backward) pass: the stage's ``before_step``, its step loss, its ``after_step``."""
     from .step import forward_backward
 
-    return forward_backward(run.model_chunks, batches, forward_only=forward_only)
+    stage.before_step(run, batches, forward_only)
+    res = forward_backward(run.model_chunks, batches, forward_only=forward_only,
+                           loss_fn=stage.step_loss(run, batches))
+    return stage.after_step(run, res)
 
 
 def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
@@ -175,28 +154,17 @@ def evaluate(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
         m.eval()
     if run.embedding_noise is not None:  # validation measures the clean model
         run.embedding_noise.set_step(run.cfg.diffusion.embedding_noise_steps)
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for batches in stage.eval_data(run, block_size):
-            res = run_step(run, stage, batches, forward_only=True)
-            total += res.loss_sum
-            count += res.num_eligible
+    out = elbo_loss(stage.eval_data(run, block_size), lambda batches: run_step(run, stage, batches, True))
     for m in run.model_chunks:
         m.train()
     if run.embedding_noise is not None:
         run.embedding_noise.set_step(run.iteration)
-    loss = total / max(count, 1.0)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    return {"loss": out["loss"], "ppl": out["ppl"]}
 
 
-def validation_metrics(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
-    """Eval at the current block size and at the fixed reference block size (comparable across phases).
-
-    A stage with its own ``validate(run, block_size)`` (RL: greedy answer accuracy) replaces the ELBO.
-    """
-    custom = getattr(stage, "validate", None)
-    if custom is not None:
-        return custom(run, block_size)
+def elbo_validation(run: Run, stage: Stage, block_size: int) -> dict[str, float]:
+    """Eval at the current block size and at the fixed reference block size (comparable across phases):
+    the default :meth:`Stage.validate <llada_cpt.training.stage.Stage.validate>`."""
     out = {}
     cur = evaluate(run, stage, block_size)
     out.update(val_loss=cur["loss"], val_ppl=cur["ppl"], val_block_size=block_size)
@@ -271,7 +239,7 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
     last: dict[str, Any] = {}
     prev_block = None
     if cfg.logging.eval_interval and run.iteration == 0:  # the starting point of the validation curve
-        initial = validation_metrics(run, stage, run.wsd.block_size(0))
+        initial = stage.validate(run, run.wsd.block_size(0))
         for k, v in initial.items():
             logger.scalar(f"valid/{k}", v, 0)
         _print("step 0: validation " + " | ".join(f"{k} {v:.4g}" for k, v in initial.items()))
@@ -297,7 +265,7 @@ def train(cfg: Config, stage: Stage) -> dict[str, Any]:
         save_due = save_dir and ((cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0)
                                  or run.iteration == t.train_steps or stop_now)
         if eval_due or save_due:
-            metrics = validation_metrics(run, stage, block)
+            metrics = stage.validate(run, block)
             for k, v in metrics.items():
                 logger.scalar(f"valid/{k}", v, run.iteration)
             _print(f"step {run.iteration}: validation " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
