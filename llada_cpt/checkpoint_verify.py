@@ -247,12 +247,23 @@ def require_complete(path: str | Path, resume: bool = False) -> None:
                                      + _way_out(path))
 
 
+def _innermost(err: BaseException) -> str:
+    """``Type: message`` of what actually failed (DCP collects each rank's exception in ``failures``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            err = inner
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:100]}{'...' if len(first) > 100 else ''}"
+
+
 def damaged(path: str | Path, err: BaseException) -> CheckpointCorruptError:
-    """The error for a load of ``path`` that failed in a way the file checks did not foresee."""
+    """The error for a load of ``path`` that failed although its files passed :func:`verify_checkpoint`."""
     return CheckpointCorruptError(
-        f"cannot load checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-        f"it is damaged or was saved by another model: `llada-cpt checkpoint verify {path}` says which; "
-        + _way_out(Path(path)))
+        f"cannot load checkpoint {path} ({_innermost(err)}): its files are all there but their content is "
+        "damaged, or it was saved by another model; " + _way_out(Path(path)))
 
 
 def _parser() -> argparse.ArgumentParser:

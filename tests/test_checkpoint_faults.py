@@ -140,6 +140,15 @@ def test_resume_from_damaged_metadata_is_one_line(copy, tmp_path):
     assert latest_name(copy) == "iter_0000004"
 
 
+def test_resume_from_a_shard_with_damaged_content_is_one_line(copy, tmp_path):
+    """Sizes right, bytes wrong: verification passes, the load fails; still one line naming the checkpoint."""
+    with open(copy / "iter_0000004" / SHARD, "r+b") as f:
+        f.write(b"\0" * 200_000)
+    proc = run(_train(copy, 1), cwd=tmp_path, timeout=300)
+    assert_clean_error(proc, "train", f"cannot load checkpoint {copy / 'iter_0000004'}", "content is damaged",
+                       "write `iter_0000002` into")
+
+
 def test_init_from_a_damaged_checkpoint_is_one_line(copy, tmp_path):
     (copy / "iter_0000002" / "rng" / "rank_00001.pt").unlink()
     _truncate(copy / "iter_0000002" / SHARD)
