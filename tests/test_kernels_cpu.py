@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_script, random_doc_ids
-from llada_cpt.attention.reference import reference_attention
+from llada_cpt.kernels.reference import reference_attention
 from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.errors import ConfigError
 from llada_cpt.parallel.context import zigzag_positions

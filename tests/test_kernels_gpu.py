@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import random_doc_ids
-from llada_cpt.attention.reference import reference_attention
+from llada_cpt.kernels.reference import reference_attention
 from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.parallel.context import zigzag_positions
 

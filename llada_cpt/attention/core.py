@@ -11,8 +11,9 @@ Megatron's ``SelfAttention`` projects q/k/v, applies QK-norm and then calls its
 Backends are plain callables ``fn(q, k, v, layout, softmax_scale) -> out`` with
 ``q`` ``[b, hq, Sq, d]`` and ``k``/``v`` ``[b, hkv, Sk, d]`` (GQA is the backend's
 business) returning ``[b, hq, Sq, d]``; they live in :data:`ATTENTION_BACKENDS`.
-``reference`` is built in; the fused ones (flex, cudnn, te) and ``auto`` are
-resolved by ``llada_cpt.kernels.registry``, which checks that they can train here.
+``reference`` (``llada_cpt.kernels.reference``) is always registered; the fused ones
+(flex, cudnn, te) and ``auto`` are resolved by ``llada_cpt.kernels.registry``, which
+checks that they can train here.  ``kernels`` never imports ``attention``.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from megatron.core.utils import divide
 
 from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
+from ..kernels import registry
+from ..kernels.reference import reference_attention
 from ..parallel.cp_attention import gather_context_kv
-from .reference import reference_attention
 from .rope import Llama3RopeScaling, rotary_tables, rotate_qk
 
 __all__ = [
@@ -60,15 +62,6 @@ def resolve_backend(name: str) -> AttentionBackend:
     """
     if name in ATTENTION_BACKENDS:
         return ATTENTION_BACKENDS[name]
-    try:
-        from llada_cpt.kernels import registry
-    except ImportError:  # the GPU kernels are not installed: only the reference exists
-        if name == "auto":
-            return ATTENTION_BACKENDS["reference"]
-        raise ConfigError(
-            f"attention backend `{name}` needs the `kernels` package next to llada_cpt (not importable "
-            "here); set model.attention_backend to reference or auto"
-        ) from None
     return registry.resolve(name, ATTENTION_BACKENDS)
 
 

@@ -1,5 +1,7 @@
-"""Fused attention backends for the block-diffusion mask, and their benchmark.
+"""Attention backends for the block-diffusion mask, and their benchmark.
 
+``reference`` (PyTorch SDPA on the dense mask: the gold every other backend is
+tested against) runs everywhere.
 ``flex`` (FlexAttention BlockMask: skips empty tiles), ``cudnn`` (cuDNN fused
 attention through SDPA with an additive bias broadcast over heads) and ``te``
 (TransformerEngine with ``post_scale_bias``, or its unfused ``arbitrary`` mask).

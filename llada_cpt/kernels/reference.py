@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.layout import AttentionLayout
+from llada_cpt.diffusion.layout import AttentionLayout
 
 __all__ = ["reference_attention"]
 

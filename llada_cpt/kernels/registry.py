@@ -76,7 +76,7 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
 def load(name: str) -> Callable:
     """The callable of backend ``name`` (imported on first use; no availability check)."""
     if name == "reference":
-        from llada_cpt.attention.reference import reference_attention
+        from .reference import reference_attention
 
         return reference_attention
     if name not in FUSED:
