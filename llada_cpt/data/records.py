@@ -91,7 +91,11 @@ class LineReport:
 def iter_jsonl(paths: Sequence[str], bad: LineReport) -> Iterator[Tuple[str, dict]]:
     """``(file:line, object)`` for each JSON-object line; blank lines are skipped silently."""
     for path in paths:
-        with open(path, "r", encoding="utf-8", errors="strict") as f:
+        try:
+            f = open(path, "r", encoding="utf-8", errors="strict")
+        except OSError as err:
+            raise DataError(f"cannot read data file {path} ({err.strerror}); check the data paths") from None
+        with f:
             lineno = 0
             while True:
                 try:
