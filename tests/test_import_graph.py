@@ -45,7 +45,6 @@ ALLOWED: Dict[Edge, str] = {
     ("inference", "stages"): "item 3 (inference/cli.py and harness_cli.py relaunch through stages/launcher.py)",
     ("convert", "stages"): "item 3 (convert/cli.py relaunches through stages/launcher.py)",
     ("training", "merge"): "item 1 (training/checkpoint.py takes select_top_k and its error from merge.py)",
-    ("config", "model"): "no issue-18 item yet: config/loader.py imports model/presets.py to apply model.preset",
 }
 
 

@@ -157,7 +157,7 @@ def _check_dense_features():
 
 
 def _check_moe(extra: dict):
-    from llada_cpt.model.presets import preset_dict
+    from llada_cpt.config.presets import preset_dict
 
     kw = dict(preset_dict("tiny-moe"), num_layers=2, hidden_size=64, ffn_hidden_size=96, moe_ffn_hidden_size=48,
               moe_shared_expert_intermediate_size=48, make_vocab_size_divisible_by=32, **extra)

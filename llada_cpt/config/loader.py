@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
+from .presets import preset_dict
 from .schema import Config
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "dump_config", "parse_overrides",
@@ -124,8 +125,6 @@ def config_from_dict(data: dict) -> Config:
     data = dict(data or {})
     model = dict(data.get("model") or {})
     if model.get("preset"):
-        from ..model.presets import preset_dict
-
         data["model"] = _merge(preset_dict(model["preset"]), model)
     return _build(Config, data, "")
 

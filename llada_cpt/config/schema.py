@@ -9,7 +9,7 @@ from typing import List, Optional
 class ModelConfig:
     """Architecture of the Megatron-Core ``GPTModel`` (dense or MoE)."""
 
-    preset: Optional[str] = None  # named size from llada_cpt.model.presets; explicit fields override it
+    preset: Optional[str] = None  # named size from llada_cpt.config.presets; explicit fields override it
     num_layers: int = 2
     hidden_size: int = 128
     ffn_hidden_size: Optional[int] = None  # default 4 * hidden (dense); SwiGLU presets set it

@@ -1,4 +1,4 @@
-"""Named model sizes (plain dicts of ``ModelConfig`` fields; no Megatron import).
+"""Named model sizes (plain dicts of ``ModelConfig`` fields; no Megatron import), applied by the loader.
 
 Dense presets follow the public Qwen3 configs; ``ling-mini-2.0`` follows the
 public Ling-mini-2.0 (16B total / ~1.4B active) MoE config.  ``tiny`` and
