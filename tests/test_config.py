@@ -29,9 +29,19 @@ def test_dump_round_trip():
     (["model.qk_layernorm=1"], "model.qk_layernorm: expected bool, got int"),
     (["model.preset=qwen9"], "unknown model preset `qwen9`"),
     (["model.num_layers"], "section.key=value"),
+    # choices (Literal annotations in schema.py): key, value, allowed values, closest match, on one line
+    (["model.attention_backend=magic"], "model.attention_backend `magic` is not one of reference, flex, cudnn, te, "
+                                        "auto.$"),
+    (["model.attention_backend=flx"], "model.attention_backend `flx` is not one of reference, flex, cudnn, te, "
+                                      "auto. Did you mean `flex`\\?$"),
+    (["stage=sf"], "stage `sf` is not one of cpt, sft, dpo, rl. Did you mean `sft`"),
+    (["model.rope_scaling=lama3"], "model.rope_scaling `lama3` is not one of llama3 \\(or null\\). Did you mean `llama3`"),
+    (["train.precision=on"], "train.precision `True` is not one of auto, fp32, bf16. \\(YAML reads on/off"),
+    (["sft.chat_template=chatlm"], "sft.chat_template `chatlm` is not one of auto, tokenizer, plain, chatml, raw. "
+                                   "Did you mean `chatml`"),
 ])
 def test_load_errors(override, msg):
-    with pytest.raises(ConfigError, match=msg.replace("[", "\\[").replace("(", "\\(")):
+    with pytest.raises(ConfigError, match=msg if "is not one of" in msg else msg.replace("[", "\\[").replace("(", "\\(")):
         load_config(None, override)
 
 
@@ -48,7 +58,6 @@ def test_missing_file():
     (["train.global_batch_size=3"], 2, "global_batch_size=3 is not divisible"),
     (["parallel.context_parallel_size=2", "data.seq_length=6", "diffusion.block_schedule=[[2, 1]]"], None, "divisible by 2 \\* context_parallel_size"),
     (["parallel.expert_model_parallel_size=2"], None, "needs an MoE model"),
-    (["model.attention_backend=magic"], None, "attention_backend `magic`"),
 ])
 def test_validation_errors(override, world, msg):
     cfg = load_config(None, ["model.preset=tiny", "data.demo=true"] + override)
@@ -58,7 +67,36 @@ def test_validation_errors(override, world, msg):
 
 def test_all_problems_listed():
     cfg = load_config(None, ["model.preset=tiny", "data.demo=true", "parallel.tensor_model_parallel_size=3",
-                             "model.attention_backend=magic"])
+                             "parallel.pipeline_model_parallel_size=3"])
     with pytest.raises(ConfigError, match="3 problems") as err:
         validate(cfg)
-    assert "attention_backend" in str(err.value) and "tensor_model_parallel_size=3" in str(err.value)
+    assert "pipeline_model_parallel_size=3" in str(err.value) and "tensor_model_parallel_size=3" in str(err.value)
+
+
+def test_a_choice_changed_in_code_is_caught_by_validate_with_the_loader_message():
+    cfg = load_config(None, ["model.preset=tiny", "data.demo=true"])
+    cfg.model.attention_backend, cfg.dpo.reference = "flx", "precomputd"
+    with pytest.raises(ConfigError, match="2 problems") as err:
+        validate(cfg)
+    assert "model.attention_backend `flx` is not one of reference, flex, cudnn, te, auto. Did you mean `flex`?" \
+        in str(err.value)
+    assert "dpo.reference `precomputd` is not one of model, precomputed. Did you mean `precomputed`?" in str(err.value)
+
+
+def test_choice_lists_elsewhere_are_read_from_the_schema_annotations():
+    """One source of truth: the tuples other modules use are ``typing.get_args`` of the schema's Literals."""
+    import typing
+
+    from llada_cpt.config import schema
+    from llada_cpt.data.chat import TEMPLATES
+    from llada_cpt.data.sft import OVERLONG_POLICIES
+    from llada_cpt.kernels import registry
+    from llada_cpt.kernels.linear_cross_entropy import SETTINGS
+    from llada_cpt.rl.dynamic_sampling import CRITERIA
+
+    assert TEMPLATES == typing.get_args(schema.ChatTemplate) == ("auto", "tokenizer", "plain", "chatml", "raw")
+    assert OVERLONG_POLICIES == typing.get_args(schema.OverlongPolicy)
+    assert CRITERIA + ("none",) == typing.get_args(schema.DynamicSampling)
+    assert registry.NAMES == typing.get_args(schema.AttentionBackend)
+    assert set(registry.FUSED) == {"flex", "cudnn", "te"}
+    assert SETTINGS == typing.get_args(schema.CrossEntropyImpl)

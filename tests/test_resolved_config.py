@@ -16,9 +16,12 @@ def test_one_set_of_chat_template_names_validated_for_every_stage_and_tool():
     assert default_template("cpt") in TEMPLATES and default_template("sft") in TEMPLATES
     cfg = load_config(None, ["data.demo=true"])
     assert cfg.rl.chat_template in TEMPLATES
-    for stage in ("sft", "dpo", "rl"):
-        bad = load_config(None, ["data.demo=true", f"{stage}.chat_template=chatlm"])
+    for stage in ("sft", "dpo", "rl"):  # the loader checks every section, whatever the stage
+        with pytest.raises(ConfigError, match=f"{stage}.chat_template `chatlm` is not one of"):
+            load_config(None, ["data.demo=true", f"{stage}.chat_template=chatlm"])
+        bad = load_config(None, ["data.demo=true"])
         bad.stage = stage
+        setattr(getattr(bad, stage), "chat_template", "chatlm")  # changed in code: validate names it too
         if stage == "rl":
             bad.diffusion.block_schedule = [[bad.rl.block_size, 1]]
         with pytest.raises(ConfigError, match=f"{stage}.chat_template `chatlm` is not one of"):
@@ -26,11 +29,8 @@ def test_one_set_of_chat_template_names_validated_for_every_stage_and_tool():
 
 
 def test_rl_dynamic_sampling_criterion_is_validated():
-    cfg = load_config(None, ["data.demo=true", "rl.dynamic_sampling=std"])
-    cfg.stage = "rl"
-    cfg.diffusion.block_schedule = [[cfg.rl.block_size, 1]]
     with pytest.raises(ConfigError, match="rl.dynamic_sampling `std` is not one of accuracy, reward_std, none"):
-        validate(cfg)
+        load_config(None, ["data.demo=true", "rl.dynamic_sampling=std"])
     assert load_config(None, []).rl.dynamic_sampling == "accuracy"
 
 

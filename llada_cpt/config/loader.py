@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
+from .choices import choice_problem, choices_of
 from .presets import preset_dict
 from .schema import Config
 
@@ -72,6 +73,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
+    if choices_of(tp) is not None:  # a Literal choice (schema.py): the annotation lists the allowed values
+        problem = choice_problem(path, value, tp)
+        if problem:
+            raise ConfigError(problem)
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]

@@ -1,8 +1,21 @@
-"""Typed configuration tree.  Field names follow Megatron-LM arguments where one exists."""
+"""Typed configuration tree.  Field names follow Megatron-LM arguments where one exists.
+
+Every choice is a ``Literal``: the loader checks values against it (one line with
+the allowed values and the closest match), and code that needs the list reads it
+with ``typing.get_args`` -- the annotation is the one place the names are kept.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
+
+Stage = Literal["cpt", "sft", "dpo", "rl"]
+AttentionBackend = Literal["reference", "flex", "cudnn", "te", "auto"]
+TransformerImpl = Literal["auto", "local", "transformer_engine"]
+CrossEntropyImpl = Literal["auto", "chunked", "megatron"]
+ChatTemplate = Literal["auto", "tokenizer", "plain", "chatml", "raw"]
+OverlongPolicy = Literal["drop", "truncate", "error"]
+DynamicSampling = Literal["accuracy", "reward_std", "none"]
 
 
 @dataclass
@@ -21,26 +34,26 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
     # Llama 3.1+ RoPE scaling (HF rope_type "llama3"); None = plain RoPE
-    rope_scaling: Optional[str] = None  # None | llama3
+    rope_scaling: Optional[Literal["llama3"]] = None
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
-    normalization: str = "RMSNorm"
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-6
-    activation: str = "swiglu"  # swiglu | gelu
+    activation: Literal["swiglu", "gelu"] = "swiglu"
     qk_layernorm: bool = False  # Qwen3
     add_qkv_bias: bool = False  # Qwen2
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
-    attention_backend: str = "reference"  # reference | flex | cudnn | te | auto
+    attention_backend: AttentionBackend = "reference"
     # layer modules: local (Megatron-Core's torch modules) | transformer_engine (TE: fused norm+linear,
     # grouped GEMM; NGC image) | auto (TE where importable and on GPU)
-    transformer_impl: str = "auto"
+    transformer_impl: TransformerImpl = "auto"
     # LM head + cross entropy: chunked (over tokens, no materialised logits) | megatron (logits, then
     # Megatron's cross entropy) | auto (chunked on GPU without sequence parallelism)
-    fused_cross_entropy: str = "auto"
-    recompute_granularity: Optional[str] = None  # None | full (every layer) | selective (core attention)
+    fused_cross_entropy: CrossEntropyImpl = "auto"
+    recompute_granularity: Optional[Literal["full", "selective"]] = None  # full: every layer; selective: core attention
     # MoE (Megatron-Core MoE layer); num_experts None = dense
     num_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -77,11 +90,11 @@ class DiffusionConfig:
     per_block_timesteps: bool = False
     # WSD phases: [[block_size, amount], ...]; the last phase lasts until the end
     block_schedule: List[List[int]] = field(default_factory=lambda: [[32, 1]])
-    block_schedule_unit: str = "steps"  # steps | tokens
+    block_schedule_unit: Literal["steps", "tokens"] = "steps"
     reference_block_size: Optional[int] = None  # extra validation at a fixed block size
     embedding_noise_std: float = 0.0
     embedding_noise_steps: int = 0
-    embedding_noise_decay: str = "linear"  # linear | cosine
+    embedding_noise_decay: Literal["linear", "cosine"] = "linear"
 
 
 @dataclass
@@ -105,8 +118,8 @@ class PostTrainDataConfig:
     data: List[str] = field(default_factory=list)  # JSONL files; empty: data.sft_data, or the bundled demo set
     valid_data: List[str] = field(default_factory=list)  # empty: hold out every n-th packed sequence
     valid_fraction: float = 0.05  # share of packed sequences held out when valid_data is empty
-    chat_template: str = "auto"  # auto | tokenizer | plain | chatml | raw
-    overlong: str = "drop"  # drop | truncate | error (samples longer than data.seq_length)
+    chat_template: ChatTemplate = "auto"
+    overlong: OverlongPolicy = "drop"  # samples longer than data.seq_length
     pad_loss: bool = True  # the EOD padding up to a whole block carries loss
     block_size: Optional[int] = None  # None: the init checkpoint's trained block size, else the schedule's last
 
@@ -124,7 +137,7 @@ class DPOConfig(PostTrainDataConfig):
     """``llada-cpt dpo``: DPO on the block-diffusion ELBO; the loss is a mean over preference pairs."""
 
     beta: float = 0.1
-    reference: str = "model"  # model (frozen copy on the same ranks) | precomputed (one pass, cached)
+    reference: Literal["model", "precomputed"] = "model"  # frozen copy on the same ranks | one pass, cached
     lr: Optional[float] = None  # None: the final LR of an SFT init checkpoint, else train.lr
 
 
@@ -134,11 +147,11 @@ class RLConfig:
 
     data: List[str] = field(default_factory=list)  # {question, ground_truth_answer} JSONL; empty: bundled arithmetic
     prompt_template: str = "Question: {question}\nPut the final answer in \\boxed{{}}.\nAnswer: "
-    chat_template: str = "raw"  # raw (the prompt text verbatim) | auto | tokenizer | plain | chatml
+    chat_template: ChatTemplate = "raw"  # raw: the prompt text verbatim
     group_size: int = 4  # G rollouts per prompt
     groups_per_step: int = 4  # informative groups per optimizer step (global, split over DP ranks)
     max_oversample: float = 3.0  # draw at most groups_per_step * max_oversample groups per step
-    dynamic_sampling: str = "accuracy"  # accuracy (DAPO: drop accuracy 0 or 1) | reward_std (all-equal) | none
+    dynamic_sampling: DynamicSampling = "accuracy"  # accuracy (DAPO: drop accuracy 0 or 1) | reward_std (all-equal)
     # rollout; the block size must equal the training block size (diffusion.block_schedule)
     block_size: int = 4
     threshold: float = 0.9
@@ -152,7 +165,7 @@ class RLConfig:
     kl_coef: float = 0.0  # > 0: k3 KL to a frozen copy of the starting checkpoint
     entropy_coef: float = 0.0
     max_forwards: Optional[int] = None  # bound on trajectory forwards per rollout (merges steps beyond it)
-    old_logprobs: str = "recompute"  # recompute (forward pass before the update) | rollout (sampler's own)
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"  # forward pass before the update | sampler's own
     # rewards
     correctness_weight: float = 1.0
     format_weight: float = 0.0
@@ -169,7 +182,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     lr_warmup_steps: int = 10
-    lr_decay_style: str = "cosine"  # constant | linear | cosine | WSD
+    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
     lr_wsd_decay_steps: Optional[int] = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -177,9 +190,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     init_from: Optional[str] = None  # Megatron checkpoint (AR or previous stage) to start from
-    nan_policy: str = "skip"  # skip | stop
+    nan_policy: Literal["skip", "stop"] = "skip"
 
 
 @dataclass
@@ -204,7 +217,7 @@ class LoggingConfig:
 class Config:
     """Root of the tree: ``llada-cpt <stage> -c file.yaml section.key=value ...``."""
 
-    stage: str = "cpt"
+    stage: Stage = "cpt"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, get_args
+
+from ..config.schema import ChatTemplate
 
 __all__ = [
     "TEMPLATES",
@@ -41,7 +43,7 @@ __all__ = [
     "generation_prompt_ids",
 ]
 
-TEMPLATES = ("auto", "tokenizer", "plain", "chatml", "raw")
+TEMPLATES = get_args(ChatTemplate)  # the names live in the config schema
 ROLES = ("system", "user", "assistant", "tool")
 
 Segment = Tuple[str, bool]  # (text, trains)

@@ -28,10 +28,11 @@ masked in exactly one of the two rows and prompt tokens in neither.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, get_args
 
 import torch
 
+from ..config.schema import OverlongPolicy
 from ..errors import ConfigError, DataError
 from .chat import TEMPLATES, ChatTokens, tokenize_chat, tokenize_prompt_response, validate_messages
 from .records import LineReport, PathLike, RecordError, as_paths, iter_jsonl
@@ -54,7 +55,7 @@ __all__ = [
     "load_sft_dataset",
 ]
 
-OVERLONG_POLICIES = ("drop", "truncate", "error")
+OVERLONG_POLICIES = get_args(OverlongPolicy)
 
 T = TypeVar("T")  # a record's tokens
 R = TypeVar("R")  # what is kept of it

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, MutableMapping
 
-BACKENDS = ("flex", "cudnn", "te")
-
-__all__ = ["BACKENDS", "register_backends"]
+__all__ = ["register_backends"]
 
 
 def register_backends(registry: MutableMapping[str, Callable]) -> Dict[str, Callable]:

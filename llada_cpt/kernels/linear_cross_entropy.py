@@ -15,14 +15,16 @@ of ``ColumnParallelLinear``'s input copy.  Plain torch: runs on CPU (tests) and 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 import torch.distributed as dist
 
+from llada_cpt.config.schema import CrossEntropyImpl
+
 __all__ = ["linear_cross_entropy", "default_chunk_tokens", "SETTINGS", "use_fused_cross_entropy"]
 
-SETTINGS = ("auto", "chunked", "megatron")
+SETTINGS = get_args(CrossEntropyImpl)  # model.fused_cross_entropy
 
 _CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk
 

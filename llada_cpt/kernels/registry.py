@@ -15,10 +15,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Callable, Dict, MutableMapping, Optional, Tuple
+from typing import Callable, Dict, MutableMapping, Optional, Tuple, get_args
 
 import torch
 
+from llada_cpt.config.schema import AttentionBackend
 from llada_cpt.errors import ConfigError
 
 __all__ = [
@@ -35,8 +36,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FUSED = ("flex", "cudnn", "te")
-NAMES = ("reference",) + FUSED + ("auto",)
+NAMES = get_args(AttentionBackend)  # model.attention_backend's Literal: the one list of names
+FUSED = tuple(n for n in NAMES if n not in ("reference", "auto"))
 AUTO_ORDER = ("flex", "cudnn", "te", "reference")
 _BACKEND_ATTR = {"flex": "flex_attention_backend", "cudnn": "cudnn_attention_backend", "te": "te_attention_backend"}
 _LOGGED: set = set()

@@ -22,16 +22,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar, get_args
 
 import torch
 
+from ..config.schema import DynamicSampling
 from ..errors import ConfigError
 
 __all__ = ["CRITERIA", "DynamicSamplingConfig", "SamplingStats", "SamplingResult", "dynamic_sample",
            "is_informative", "has_mixed_accuracy"]
 
-CRITERIA = ("accuracy", "reward_std")
+CRITERIA = tuple(c for c in get_args(DynamicSampling) if c != "none")  # rl.dynamic_sampling less `none`
 
 T = TypeVar("T")
 
