@@ -12,7 +12,7 @@ import difflib
 import typing
 from typing import Any, List, Optional, Tuple
 
-__all__ = ["choices_of", "choice_problem", "choice_problems"]
+__all__ = ["choices_of", "field_choices", "choice_problem", "choice_problems"]
 
 
 def choices_of(tp: Any) -> Optional[Tuple[Tuple[str, ...], bool]]:
@@ -28,6 +28,11 @@ def choices_of(tp: Any) -> Optional[Tuple[Tuple[str, ...], bool]]:
     if typing.get_origin(tp) is not typing.Literal:
         return None
     return typing.get_args(tp), optional
+
+
+def field_choices(cls: type, name: str) -> Tuple[str, ...]:
+    """The allowed values of the choice field ``cls.name`` (for code that checks a value outside the loader)."""
+    return choices_of(typing.get_type_hints(cls)[name])[0]
 
 
 def choice_problem(where: str, value: Any, tp: Any) -> Optional[str]:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..config.choices import field_choices
 from ..config.schema import DiffusionConfig
 from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
@@ -28,8 +29,9 @@ __all__ = ["noise_std", "noised_positions", "layout_noise", "add_masked_embeddin
 
 def noise_std(step: int, std: float, steps: int, decay: str = "linear") -> float:
     """``sigma`` at optimizer ``step`` (0-based): ``std`` at 0, 0 from ``steps`` on."""
-    if decay not in ("linear", "cosine"):
-        raise ConfigError(f"diffusion.embedding_noise_decay `{decay}` is not one of linear, cosine")
+    decays = field_choices(DiffusionConfig, "embedding_noise_decay")
+    if decay not in decays:
+        raise ConfigError(f"diffusion.embedding_noise_decay `{decay}` is not one of {', '.join(decays)}")
     if steps <= 0 or std <= 0 or step >= steps:
         return 0.0
     frac = max(step, 0) / steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import List, Optional
 
 import torch
@@ -19,6 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..attention.rope import Llama3RopeScaling
+from ..config.choices import choice_problem
 from ..config.schema import ModelConfig, ParallelConfig
 from ..errors import ConfigError
 from ..kernels.linear_cross_entropy import use_fused_cross_entropy
@@ -71,14 +73,10 @@ def _check(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> None:
             f"model.num_layers={m.num_layers} is not divisible by "
             f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}"
         )
-    if m.activation not in ("swiglu", "gelu"):
-        raise ConfigError(f"model.activation `{m.activation}` is not one of swiglu, gelu")
-    if m.recompute_granularity not in (None, "full", "selective"):
-        raise ConfigError(
-            f"model.recompute_granularity `{m.recompute_granularity}` is not one of null, full, selective"
-        )
-    if m.normalization not in ("RMSNorm", "LayerNorm"):
-        raise ConfigError(f"model.normalization `{m.normalization}` is not one of RMSNorm, LayerNorm")
+    for name in ("activation", "recompute_granularity", "normalization"):  # a ModelConfig made in code
+        problem = choice_problem(f"model.{name}", getattr(m, name), typing.get_type_hints(ModelConfig)[name])
+        if problem:
+            raise ConfigError(problem)
     if p.sequence_parallel and not use_transformer_engine(m.transformer_impl):
         raise ConfigError(
             "parallel.sequence_parallel needs Transformer Engine on GPU (the torch norms of the "

@@ -10,7 +10,7 @@ torch modules: need neither TE nor apex, run on CPU) or ``auto`` (TE when import
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..attention.core import block_diffusion_attention_class
+from ..config.schema import TransformerImpl
 from ..errors import ConfigError
 from ..kernels.te import import_error as te_import_error
 
@@ -35,7 +36,7 @@ def use_transformer_engine(setting: str = "auto") -> bool:
     if setting == "auto":
         return torch.cuda.is_available() and te_import_error() is None
     if setting != "transformer_engine":
-        raise ConfigError(f"model.transformer_impl `{setting}` is not one of auto, local, transformer_engine")
+        raise ConfigError(f"model.transformer_impl `{setting}` is not one of {', '.join(get_args(TransformerImpl))}")
     reason = te_import_error()
     if reason is not None:
         raise ConfigError(
