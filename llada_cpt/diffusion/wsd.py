@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ..config.choices import field_choices
+from ..config.schema import DiffusionConfig
 from ..errors import ConfigError
 
 __all__ = ["WSDSchedule", "trained_block_size"]
@@ -27,8 +29,9 @@ class WSDSchedule:
     def __post_init__(self) -> None:
         if not self.phases:
             raise ConfigError("diffusion.block_schedule is empty; give at least one [block_size, amount] phase")
-        if self.unit not in ("steps", "tokens"):
-            raise ConfigError(f"diffusion.block_schedule_unit must be `steps` or `tokens`, got `{self.unit}`")
+        units = field_choices(DiffusionConfig, "block_schedule_unit")
+        if self.unit not in units:
+            raise ConfigError(f"diffusion.block_schedule_unit must be `{'` or `'.join(units)}`, got `{self.unit}`")
         if self.tokens_per_step < 1:
             raise ConfigError(f"tokens per step must be positive, got {self.tokens_per_step}")
         for i, phase in enumerate(self.phases):
