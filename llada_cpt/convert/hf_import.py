@@ -41,6 +41,7 @@ from typing import List, Optional
 
 import torch
 
+from ..config.choices import field_choices
 from ..config.schema import Config, DataConfig, DiffusionConfig, ModelConfig, ParallelConfig, TrainConfig
 from ..errors import reraise_disk_full
 from .errors import ConvertError
@@ -136,8 +137,9 @@ def plan_import(
     world_size: Optional[int] = None,
 ) -> ImportPlan:
     """Check a conversion without touching Megatron or the disk; raises one clear error per problem."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConvertError(f"--precision `{precision}` is not one of auto, fp32, bf16")
+    precisions = field_choices(TrainConfig, "precision")
+    if precision not in precisions:
+        raise ConvertError(f"--precision `{precision}` is not one of {', '.join(precisions)}")
     ckpt = HFCheckpoint(hf_dir)
     arch, model = model_config_from_hf(ckpt.config)
     _check_tensor_names(ckpt, hf_tensor_names(model_slots(arch, model)),
