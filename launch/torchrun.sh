@@ -11,7 +11,7 @@
 #   RDZV_ID         rendezvous id shared by all nodes of one job (default: llada-cpt)
 #   PYTHON          interpreter (default: python)
 #
-# It runs `python -m llada_cpt.stages.launcher`, which takes torchrun's options and adds: exit code 3
+# It runs `python -m llada_cpt.runtime.launch`, which takes torchrun's options and adds: exit code 3
 # when the ranks saved a checkpoint on a stop request (requeue), 2 with one error line for a user
 # error, and SIGTERM / SIGUSR1 turned into a stop request (checkpoint, then exit) instead of being
 # forwarded to ranks that may have had it already; a second signal stops at once.
@@ -29,5 +29,5 @@ if [ "$NNODES" -gt 1 ]; then
 else
   RDZV=(--standalone --nnodes=1)
 fi
-exec "$PY" -m llada_cpt.stages.launcher "${RDZV[@]}" --nproc-per-node="$NPROC_PER_NODE" \
+exec "$PY" -m llada_cpt.runtime.launch "${RDZV[@]}" --nproc-per-node="$NPROC_PER_NODE" \
   -m llada_cpt.cli "$STAGE" "$@"

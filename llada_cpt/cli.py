@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"llada-cpt {name}: interrupted", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except Exception as err:  # noqa: BLE001 - user errors, a full disk, a lost peer: one line; the rest re-raises
-        from .stages.launcher import lost_peer_line, report_error
+        from .runtime.launch import lost_peer_line, report_error
 
         full = find_disk_full(err)
         lost = None if isinstance(err, UserError) or full else lost_peer_line(err)

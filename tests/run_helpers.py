@@ -171,9 +171,10 @@ def _stop_worker(step_seconds: float, steps: int) -> int:
     """A stand-in rank for launcher tests: StopRequest semantics without a model (starts in seconds)."""
     import torch.distributed as dist
 
-    from llada_cpt.training.signals import EXIT_REQUEUE, StopRequest
+    from llada_cpt.runtime.signals import EXIT_REQUEUE, StopRequest
+    from llada_cpt.training.distributed import all_reduce_host
 
-    stop = StopRequest.install()
+    stop = StopRequest.install(all_reduce_host)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     print(f"rank {rank} ready", flush=True)

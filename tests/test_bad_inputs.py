@@ -92,7 +92,7 @@ CASES = [
          "train", (f"vocabulary of {4096}", "preprocess with this tokenizer")),
     # --- inside the ranks of the launcher used by launch/torchrun.sh and launch/slurm.sbatch
     Case("parallel sizes vs ranks (launcher)",
-         lambda t, d, s: [sys.executable, "-m", "llada_cpt.stages.launcher", "--standalone", "--nproc-per-node=2",
+         lambda t, d, s: [sys.executable, "-m", "llada_cpt.runtime.launch", "--standalone", "--nproc-per-node=2",
                           "-m", "llada_cpt.cli", *train(t, "parallel.pipeline_model_parallel_size=4")[3:]],
          "train", ("2 processes cannot be split", "pipeline(4)")),
     # --- preprocess

@@ -42,8 +42,6 @@ FORBIDDEN: Dict[str, Tuple[Tuple[str, ...], str]] = {
 
 # Edges that break a rule today, each with what removes it.  Only delete entries (a stale one fails the test).
 ALLOWED: Dict[Edge, str] = {
-    ("inference", "stages"): "item 3 (inference/cli.py and harness_cli.py relaunch through stages/launcher.py)",
-    ("convert", "stages"): "item 3 (convert/cli.py relaunches through stages/launcher.py)",
     ("training", "merge"): "item 1 (training/checkpoint.py takes select_top_k and its error from merge.py)",
 }
 

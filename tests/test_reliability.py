@@ -77,7 +77,7 @@ def test_sigterm_saves_exits_3_and_resumes_with_unbroken_losses(tmp_path, unbrok
 
 # --------------------------------------------------------------------------- the launcher's signal relay
 def _launch_stop_workers(tmp_path: Path, step_seconds: float) -> Background:
-    argv = [sys.executable, "-m", "llada_cpt.stages.launcher", "--standalone", "--nproc-per-node=2",
+    argv = [sys.executable, "-m", "llada_cpt.runtime.launch", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests" / "run_helpers.py"), "stop-worker", str(step_seconds), "2000"]
     bg = Background(argv, cwd=tmp_path, log=tmp_path / "workers")
     wait_until(lambda: bg.stdout.count(" ready") == 2, 120, "both ranks to start", bg.proc)

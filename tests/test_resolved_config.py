@@ -64,7 +64,7 @@ def _fake_checkpoint(path, stage: str, *overrides: str, iteration: int, consumed
 def _dry_run(capsys, command: str, stage_cls, *overrides: str):
     import yaml
 
-    from llada_cpt.stages.launcher import stage_main
+    from llada_cpt.stages.entry import stage_main
 
     assert stage_main(["--dry-run", "data.demo=true", "data.seq_length=64", *overrides], command, command,
                       stage_cls) == 0

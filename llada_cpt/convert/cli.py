@@ -56,10 +56,9 @@ def _import(args, argv: Sequence[str]) -> int:
     nproc = launched or (args.tp * args.pp * args.ep if args.nproc is None else args.nproc)
     plan = plan_import(args.hf, args.out, parallel, args.precision, args.tokenizer, world_size=nproc)
     if launched is None and nproc > 1:
-        from ..stages.launcher import run_elastic, without_nproc
+        from ..runtime.launch import relaunch_local
 
-        return run_elastic(["--standalone", f"--nproc-per-node={nproc}", "-m", "llada_cpt.cli", "convert",
-                            *without_nproc(argv)], prog="llada-cpt convert import")
+        return relaunch_local("convert", argv, nproc, prog="llada-cpt convert import")
     out = import_hf(plan)
     if int(os.environ.get("RANK", "0")) == 0:
         m = plan.model

@@ -70,7 +70,8 @@ def sampler_config(args: argparse.Namespace, info) -> SamplerConfig:
 
 
 def relaunch(command: str, argv: Sequence[str], args: argparse.Namespace) -> Optional[int]:
-    """Start ``--nproc`` ranks running this command (None: already a rank, or a single process)."""
+    """Check ``--tp`` against the ranks, then start ``--nproc`` of them running this command (None: already a
+    rank, or a single process)."""
     under_launcher = "WORLD_SIZE" in os.environ
     if args.tp < 1:
         raise ConfigError(f"--tp must be >= 1, got {args.tp}")
@@ -85,10 +86,9 @@ def relaunch(command: str, argv: Sequence[str], args: argparse.Namespace) -> Opt
         return None
     if args.nproc % args.tp:
         raise ConfigError(f"--nproc {args.nproc} is not a multiple of --tp {args.tp}")
-    from ..stages.launcher import run_elastic, without_nproc
+    from ..runtime.launch import relaunch_local
 
-    return run_elastic(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "llada_cpt.cli", command,
-                        *without_nproc(argv)], prog=f"llada-cpt {command}")
+    return relaunch_local(command, argv, args.nproc)
 
 
 def warn_settings(info, cfg: SamplerConfig, prompts: Sequence[Sequence[int]]) -> None:

@@ -101,7 +101,7 @@ def _quiet_rank(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(argv or [])
     _check_installed()
-    from ..stages.launcher import without_nproc
+    from ..runtime.launch import without_nproc
     from .cli import is_rank0, relaunch
 
     nproc = _nproc(argv)

@@ -125,6 +125,6 @@ class CPTStage(Stage):
 
 
 def main(argv=None) -> int:
-    from .launcher import stage_main
+    from .entry import stage_main
 
     return stage_main(argv, "train", "cpt", CPTStage)

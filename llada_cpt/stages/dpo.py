@@ -327,6 +327,6 @@ class DPOStage(Stage):
 
 
 def main(argv=None) -> int:
-    from .launcher import stage_main
+    from .entry import stage_main
 
     return stage_main(argv, "dpo", "dpo", DPOStage)

@@ -404,6 +404,6 @@ class RLStage(Stage):
 
 
 def main(argv=None) -> int:
-    from .launcher import stage_main
+    from .entry import stage_main
 
     return stage_main(argv, "rl", "rl", RLStage)

@@ -188,6 +188,6 @@ class SFTStage(Stage):
 
 
 def main(argv=None) -> int:
-    from .launcher import stage_main
+    from .entry import stage_main
 
     return stage_main(argv, "sft", "sft", SFTStage)

@@ -220,9 +220,10 @@ def _update(run: Run, stage: Stage, data: StepData, block: int, logger: TrainLog
 
 def train(cfg: Config, stage: Stage) -> dict[str, Any]:
     """Run a stage to ``train.train_steps``; returns the last logged values (for tests and scripts)."""
-    from .signals import StopRequest
+    from ..runtime.signals import StopRequest
+    from .distributed import all_reduce_host
 
-    stop = StopRequest.install()  # before the (possibly long) build: an early signal still stops cleanly
+    stop = StopRequest.install(all_reduce_host)  # before the (possibly long) build: an early signal still stops cleanly
     run = build_run(cfg, stage)
     t = cfg.train
     save_dir = cfg.checkpoint.save_dir

@@ -6,21 +6,25 @@ requeue; a second signal exits at once.  Ranks agree on the stop through an
 all-reduce so that every rank saves the same step even when only one of them
 received the signal.  Launchers that cannot deliver signals to the ranks
 (Slurm batch scripts with srun + torchrun in between, and
-``llada_cpt.stages.launcher``, which must not forward a signal the ranks may
+:mod:`llada_cpt.runtime.launch`, which must not forward a signal the ranks may
 already have had) instead touch the file named by ``LLADA_CPT_STOP_FILE``,
 which is polled at the same point.
+
+The all-reduce is handed in (``training.distributed.all_reduce_host``) so that
+``runtime`` does not import ``training``, which imports it.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from .distributed import all_reduce_host
+# (values, op) -> the reduced values on the CPU, wherever the backend reduces: training.distributed.all_reduce_host
+AllReduce = Callable[[torch.Tensor, dist.ReduceOp], torch.Tensor]
 
 EXIT_REQUEUE = 3  # "checkpoint saved, please run me again"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # Ctrl-C: save and exit, like a preemption
@@ -28,14 +32,15 @@ STOP_FILE_ENV = "LLADA_CPT_STOP_FILE"
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    def __init__(self, all_reduce: AllReduce) -> None:
+        self._all_reduce = all_reduce
         self._local = False
         self._agreed = False
         self.signame: Optional[str] = None
 
     @classmethod
-    def install(cls) -> "StopRequest":
-        req = cls()
+    def install(cls, all_reduce: AllReduce) -> "StopRequest":
+        req = cls(all_reduce)
         for sig in SIGNALS:
             signal.signal(sig, req._handler)
         if "megatron.core" in sys.modules:  # a process that can save Megatron checkpoints (the training loop)
@@ -60,7 +65,7 @@ class StopRequest:
         stop_file = os.environ.get(STOP_FILE_ENV)
         if not self._local and stop_file and os.path.exists(stop_file):
             self._local, self.signame = True, "stop file"
-        flag = all_reduce_host(torch.tensor([1 if self._local else 0], dtype=torch.int32), dist.ReduceOp.MAX)
+        flag = self._all_reduce(torch.tensor([1 if self._local else 0], dtype=torch.int32), dist.ReduceOp.MAX)
         self._agreed = bool(flag.item())
         if self._agreed and self.signame is None:
             self.signame = "peer"

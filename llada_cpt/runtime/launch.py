@@ -1,25 +1,21 @@
-"""Command-line entry shared by the training stages (train/cpt, sft, dpo, rl), and their launcher.
+"""Starting ranks: torchrun with the exit codes and stop semantics a job needs, and the error line a rank hands back.
 
-``llada-cpt train -c cfg.yaml [section.key=value ...] [--dry-run] [--nproc N]``.
-``--nproc N`` starts N local ranks (``torchrun --standalone``) through
-:func:`run_elastic`; under an existing torchrun / Slurm launch it is ignored.
-
-``python -m llada_cpt.stages.launcher [torchrun options] -m llada_cpt.cli <stage> ...``
+``python -m llada_cpt.runtime.launch [torchrun options] -m llada_cpt.cli <command> ...``
 is torchrun with the semantics a cluster job needs (``launch/torchrun.sh`` and
-``launch/slurm.sbatch`` use it).  Plain torchrun loses them:
+``launch/slurm.sbatch`` use it; ``--nproc N`` of a command goes through
+:func:`relaunch_local`).  Plain torchrun loses them:
 
 * exit codes pass through: 0 finished, 2 user error (its one-line message
   printed once, no launcher traceback), 3 = checkpoint saved after a stop
   request (requeue me), otherwise the first failing rank's code;
 * SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) to the launcher become a stop request through the stop file
-  the ranks poll, instead of being re-sent to the ranks as signals: Slurm
+  the ranks poll (:mod:`llada_cpt.runtime.signals`), instead of being re-sent to the ranks as signals: Slurm
   signals every process of a step, so forwarding would turn one preemption
   into the "second signal, exit at once" case.  A second signal to the
   launcher kills the ranks at once (the last complete checkpoint stays ``latest``).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -27,12 +23,9 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..arg_types import int_range
-from ..config import dump_config, load_config, validate
-from ..config.schema import Config
-from ..training.signals import EXIT_REQUEUE, SIGNALS, STOP_FILE_ENV
+from .signals import EXIT_REQUEUE, SIGNALS, STOP_FILE_ENV
 
 EXIT_USER_ERROR = 2
 ERROR_FILE_ENV = "LLADA_CPT_ERROR_FILE"  # set by run_elastic: where a rank leaves its one-line user error
@@ -73,21 +66,6 @@ def lost_peer_line(err: BaseException) -> Optional[str]:
     return (f"lost contact with another process of the job ({reason}): a node or a rank died, was killed or "
             "failed (its own output, if any, says why); the last complete checkpoint stays `latest`, start every "
             "node again to resume from it")
-
-
-def parse(argv: Sequence[str], stage: str, command: Optional[str] = None) -> tuple[argparse.Namespace, Config]:
-    """``command`` is what the user typed (``train`` runs stage ``cpt``); overrides may come before or
-    after the options."""
-    p = argparse.ArgumentParser(prog=f"llada-cpt {command or stage}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", help="YAML config file, or the name of a shipped recipe (tiny_cpu, qwen3_dense_cpt, ...; see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.lr=1e-4")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
-    p.add_argument("--nproc", type=int_range(1), default=None, help="launch N local processes (like torchrun --standalone)")
-    args = p.parse_intermixed_args(list(argv))
-    cfg = load_config(args.config, args.overrides)
-    cfg.stage = stage
-    return args, cfg
 
 
 class _SignalRelay:
@@ -215,28 +193,14 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
     return rest
 
 
-def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, make_stage: Callable[[Config], object]) -> int:
-    argv = list(argv or [])
-    args, cfg = parse(argv, stage_name, command)
-    stage = make_stage(cfg) if hasattr(make_stage, "resolve_config") else None
-    if stage is not None:  # values from train.init_from: validated, printed (--dry-run) and saved resolved
-        stage.resolve_config(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "0")) or None
-    if args.dry_run:
-        validate(cfg, world_size=world or args.nproc)
-        print(dump_config(cfg), end="")
-        return 0
-    if args.nproc is not None and world is None:
-        validate(cfg, world_size=args.nproc)
-        rest = without_nproc(argv)  # the ranks run the command itself
-        return run_elastic(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "llada_cpt.cli", command, *rest],
-                           prog=f"llada-cpt {command}")
-    from ..training.distributed import destroy
-    from ..training.loop import train
+def relaunch_local(command: str, argv: Sequence[str], nproc: int, prog: Optional[str] = None) -> int:
+    """Run ``llada-cpt <command> <argv>`` (less ``--nproc``) as ``nproc`` local ranks, like ``torchrun --standalone``.
 
-    result = train(cfg, stage or make_stage(cfg))
-    destroy()  # exiting with live gloo threads can abort ("terminate called without an active exception")
-    return EXIT_REQUEUE if result.get("stopped") else 0
+    The one way a command's ``--nproc N`` starts its ranks; returns :func:`run_elastic`'s exit code.
+    ``prog`` names the command in the launcher's own lines (default ``llada-cpt <command>``).
+    """
+    return run_elastic(["--standalone", f"--nproc-per-node={nproc}", "-m", "llada_cpt.cli", command,
+                        *without_nproc(argv)], prog=prog or f"llada-cpt {command}")
 
 
 if __name__ == "__main__":
