@@ -163,8 +163,8 @@ def _timed(fn) -> dict:
 def _child_measure(work: str, repeat: int, threads: int, ckpts: list[str]) -> None:
     """Runs in the measured subprocess: copy vs ``llada-cpt merge`` (its CLI entry), warm and cold cache."""
     t0 = time.perf_counter()
-    from llada_cpt import merge
-    from llada_cpt.checkpoint_io import TorchDistCheckpoint
+    from llada_cpt.checkpoint import merge
+    from llada_cpt.checkpoint.io import TorchDistCheckpoint
 
     import_s = time.perf_counter() - t0
     paths = [Path(c) for c in ckpts]
@@ -199,7 +199,7 @@ def _child_measure(work: str, repeat: int, threads: int, ckpts: list[str]) -> No
 
 
 def _child_baseline() -> None:
-    from llada_cpt import merge  # noqa: F401  (the same imports as the merge, nothing else)
+    from llada_cpt.checkpoint import merge  # noqa: F401  (the same imports as the merge, nothing else)
 
     print(json.dumps({"maxrss": _maxrss_bytes()}))
 

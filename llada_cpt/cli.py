@@ -20,11 +20,11 @@ COMMANDS = {
     "dpo": ("llada_cpt.stages.dpo", "DPO on the diffusion ELBO"),
     "rl": ("llada_cpt.stages.rl", "trajectory-aware RL (TraceRL / GRPO)"),
     "preprocess": ("llada_cpt.data.preprocess", "JSONL / text -> Megatron indexed dataset"),
-    "merge": ("llada_cpt.merge", "top-k checkpoint averaging"),
+    "merge": ("llada_cpt.checkpoint.merge", "top-k checkpoint averaging"),
     "convert": ("llada_cpt.convert.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "generate": ("llada_cpt.inference.cli", "block-diffusion sampling"),
     "eval": ("llada_cpt.inference.evaluate", "validation perplexity and answer accuracy"),
-    "checkpoint": ("llada_cpt.checkpoint_verify", "`checkpoint verify PATH`: is a checkpoint (or a run's) complete?"),
+    "checkpoint": ("llada_cpt.checkpoint.verify", "`checkpoint verify PATH`: is a checkpoint (or a run's) complete?"),
     "lm-eval": ("llada_cpt.inference.harness_cli", "lm-evaluation-harness tasks on a checkpoint ([eval] extra)"),
 }
 

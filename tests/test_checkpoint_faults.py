@@ -73,7 +73,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_verify_names_each_kind_of_damage(copy, kind):
-    from llada_cpt.checkpoint_verify import verify_checkpoint, verify_run
+    from llada_cpt.checkpoint.verify import verify_checkpoint, verify_run
 
     damage, needle = DAMAGE[kind]
     damage(copy / "iter_0000004")

@@ -4,7 +4,7 @@ Every ``import`` / ``from ... import`` in every ``.py`` under ``llada_cpt`` is
 read with :mod:`ast` -- module level and inside functions alike (a lazy import
 is still a dependency) -- and mapped to its *node*: the subpackage
 (``llada_cpt/inference/...`` -> ``inference``) or, for a top-level module, the
-module itself (``llada_cpt/merge.py`` -> ``merge``).  Nothing is imported, so
+module itself (``llada_cpt/cli.py`` -> ``cli``).  Nothing is imported, so
 the check runs in well under a second without Megatron.
 
 The rules (issue 18):
@@ -12,8 +12,10 @@ The rules (issue 18):
 1. no cycle between nodes;
 2. ``inference``, ``convert``, ``checkpoint`` and ``runtime`` never import
    ``stages``: the CLI's subcommand table is the one place that dispatches to a stage;
-3. ``training`` never imports the offline ``merge`` tool (item 1: top-k selection
-   and retention live with the checkpoint code).
+3. ``checkpoint`` never imports ``training`` (training saves and loads through it), and
+   no ``training`` module imports the offline merge tool ``checkpoint.merge`` (item 1:
+   top-k selection and retention live in ``checkpoint/selection.py``);
+4. the offline checkpoint tools import no Megatron-Core (checked per module below).
 
 Edges that break them today are listed in :data:`ALLOWED`, each with the
 issue-18 item that removes it.  An allowed edge that no longer exists fails the
@@ -37,13 +39,11 @@ Edge = Tuple[str, str]
 FORBIDDEN: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "stages": (("inference", "convert", "checkpoint", "runtime"),
                "only cli.py's subcommand table dispatches to stages"),
-    "merge": (("training",), "the offline merge tool is no training dependency (issue 18 item 1)"),
+    "training": (("checkpoint",), "checkpoint code is the layer below training (issue 18 item 1)"),
 }
 
 # Edges that break a rule today, each with what removes it.  Only delete entries (a stale one fails the test).
-ALLOWED: Dict[Edge, str] = {
-    ("training", "merge"): "item 1 (training/checkpoint.py takes select_top_k and its error from merge.py)",
-}
+ALLOWED: Dict[Edge, str] = {}
 
 
 # ------------------------------------------------------------------------------ the checker
@@ -57,7 +57,7 @@ def _module_name(path: Path, root: Path) -> str:
 
 
 def _node(module: str, package: str) -> str:
-    """``package.sub.x`` -> ``sub``; ``package.merge`` -> ``merge``; ``package`` -> ``package``."""
+    """``package.sub.x`` -> ``sub``; ``package.cli`` -> ``cli``; ``package`` -> ``package``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else package
 
@@ -190,6 +190,30 @@ def test_sampler_depends_only_on_the_denoiser_interface_and_the_kv_cache():
     assert got <= {f"{PACKAGE}.errors", f"{PACKAGE}.inference.kv_cache"}, sorted(got)
 
 
+def _imports_of(path: Path) -> Set[str]:
+    modules = {_module_name(f, ROOT) for f in (ROOT / PACKAGE).rglob("*.py")}
+    module = _module_name(path, ROOT)
+    return {t for t, _ in _targets(ast.parse(path.read_text()), module, path.name == "__init__.py", modules, PACKAGE)}
+
+
+def test_training_does_not_import_the_merge_tool():
+    """Item 1: retention takes top-k selection from checkpoint/selection.py, not from the merge CLI."""
+    users = sorted(str(f.relative_to(ROOT)) for f in (ROOT / PACKAGE / "training").rglob("*.py")
+                   if f"{PACKAGE}.checkpoint.merge" in _imports_of(f))
+    assert not users, users
+
+
+def test_checkpoint_modules_import_no_megatron():
+    """The offline tools (merge, verify, inspect's readers) stay light: no Megatron-Core, no training code."""
+    bad = {}
+    for f in sorted((ROOT / PACKAGE / "checkpoint").glob("*.py")):
+        got = sorted(t for t in _imports_of(f) if t.split(".")[0] == "megatron"
+                     or t.startswith(f"{PACKAGE}.") and _node(t, PACKAGE) not in ("checkpoint", "errors", "arg_types"))
+        if got:
+            bad[f.name] = got
+    assert not bad, bad
+
+
 # ------------------------------------------------------------------------------ the checker itself
 
 
@@ -203,11 +227,11 @@ def _write(root: Path, files: Dict[str, str]) -> None:
 def test_checker_finds_cycles_forbidden_edges_and_stale_allowances(tmp_path):
     _write(tmp_path, {
         "pkg/__init__.py": "",
-        "pkg/merge.py": "import os\nfrom pkg.data import loader\n",
+        "pkg/checkpoint.py": "import os\nfrom pkg.training import loop\n",
         "pkg/data/__init__.py": "",
-        "pkg/data/loader.py": "def f():\n    from ..training import loop  # function level\n",
+        "pkg/data/loader.py": "def f():\n    from .. import checkpoint  # function level\n",
         "pkg/training/__init__.py": "from .loop import run\n",
-        "pkg/training/loop.py": "from .. import merge\n\ndef run():\n    pass\n",
+        "pkg/training/loop.py": "from ..data import loader\n\ndef run():\n    pass\n",
         "pkg/stages/__init__.py": "",
         "pkg/stages/cpt.py": "from pkg.training.loop import run\n",
         "pkg/inference/__init__.py": "",
@@ -215,19 +239,19 @@ def test_checker_finds_cycles_forbidden_edges_and_stale_allowances(tmp_path):
         "pkg/cli.py": "from .stages import cpt\n",
     })
     graph = import_graph(tmp_path, "pkg")
-    assert set(graph) == {("merge", "data"), ("data", "training"), ("training", "merge"), ("stages", "training"),
-                          ("inference", "stages"), ("cli", "stages")}
-    assert graph[("data", "training")] == ["pkg/data/loader.py:2"]
-    assert cycles(graph) == [["data", "merge", "training"]]
-    assert forbidden(graph) == [("inference", "stages"), ("training", "merge")]  # cli -> stages is the one allowed
+    assert set(graph) == {("checkpoint", "training"), ("data", "checkpoint"), ("training", "data"),
+                          ("stages", "training"), ("inference", "stages"), ("cli", "stages")}
+    assert graph[("data", "checkpoint")] == ["pkg/data/loader.py:2"]
+    assert cycles(graph) == [["checkpoint", "data", "training"]]
+    assert forbidden(graph) == [("checkpoint", "training"), ("inference", "stages")]  # cli -> stages is allowed
     problems = violations(graph, {})
     assert len(problems) == 3
-    assert problems[0].startswith("import cycle between data, merge, training: data -> training "
-                                  "(pkg/data/loader.py:2); merge -> data (pkg/merge.py:2); training -> merge")
-    assert problems[1].startswith("inference imports stages (pkg/inference/engine.py:2)")
-    assert problems[2].startswith("training imports merge (pkg/training/loop.py:1)")
+    assert problems[0].startswith("import cycle between checkpoint, data, training: checkpoint -> training "
+                                  "(pkg/checkpoint.py:2); data -> checkpoint (pkg/data/loader.py:2); training -> data")
+    assert problems[1].startswith("checkpoint imports training (pkg/checkpoint.py:2)")
+    assert problems[2].startswith("inference imports stages (pkg/inference/engine.py:2)")
     # allowing the edges that break the rules clears them; an allowance for an edge that is gone is reported
-    allowed = {("training", "merge"): "", ("inference", "stages"): ""}
+    allowed = {("checkpoint", "training"): "", ("inference", "stages"): ""}
     assert violations(graph, allowed) == []
     assert violations(graph, {**allowed, ("convert", "stages"): "", ("stages", "training"): ""}) == [
         "allowed edge convert -> stages no longer exists: delete it from ALLOWED",

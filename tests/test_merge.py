@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from dist import run_distributed
-from llada_cpt import checkpoint_io, checkpoint_raw, merge
-from llada_cpt.checkpoint_io import OutputTensor, Region, TorchDistCheckpoint, write_torch_dist
+from llada_cpt.checkpoint import io as checkpoint_io, merge, raw as checkpoint_raw
+from llada_cpt.checkpoint.io import OutputTensor, Region, TorchDistCheckpoint, write_torch_dist
 from llada_cpt.cli import main as cli_main
 from llada_cpt.training.checkpoint import resolve_checkpoint
 

@@ -311,7 +311,7 @@ def _fake_run(root: Path, ppl: dict[int, object], latest: int) -> Path:
 
 
 def _merge_picks(root: Path, k: int) -> set[str]:
-    from llada_cpt.merge import MissingCheckpointError, select_top_k
+    from llada_cpt.checkpoint.selection import MissingCheckpointError, select_top_k
 
     try:
         return {c.path.name for c in select_top_k(root, k).chosen}

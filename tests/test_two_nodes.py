@@ -72,7 +72,7 @@ def test_two_nodes_survive_a_lost_node_and_resume(tmp_path):
     assert len(lines) == 1 and "lost contact with another process of the job" in lines[0], err[-3000:]
     assert "start every node again to resume" in lines[0]
     stopped_at = latest_name(save)
-    from llada_cpt.checkpoint_verify import verify_run
+    from llada_cpt.checkpoint.verify import verify_run
 
     assert verify_run(save).ok, verify_run(save).lines()
     other_dp = tmp_path / "dp2" / "ck"

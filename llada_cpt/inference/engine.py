@@ -150,7 +150,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 
 def _embedding_rows(path: Path) -> Optional[int]:
     """Rows of the stored (padded) embedding: the model must be built with exactly that many."""
-    from ..checkpoint_io import TorchDistCheckpoint
+    from ..checkpoint.io import TorchDistCheckpoint
 
     info = TorchDistCheckpoint(path).tensors.get(EMBEDDING_KEY)
     return info.shape[0] if info is not None else None

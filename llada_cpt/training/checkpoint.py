@@ -32,12 +32,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..checkpoint_verify import damaged, require_complete
+from ..checkpoint import selection
+from ..checkpoint.paths import (LATEST, checkpoint_name, latest_checkpoint, list_checkpoints,  # noqa: F401
+                                read_metrics, resolve_checkpoint)
+from ..checkpoint.verify import damaged, require_complete
 from ..config.loader import dump_config
 from ..errors import UserError, reraise_disk_full
 from ..parallel.expert_checkpoint import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
-from ..checkpoint_paths import (LATEST, checkpoint_name, latest_checkpoint, list_checkpoints,  # noqa: F401
-                                read_metrics, resolve_checkpoint)
 from .distributed import unwrap
 
 def _rank() -> int:
@@ -256,25 +257,8 @@ def check_vocab(path: str | Path, vocab_size: int) -> None:
 
 
 def apply_retention(save_dir: str | Path, keep_last: int, keep_best: int, metric: str = "val_ppl") -> list[Path]:
-    """Delete old checkpoints beyond the newest ``keep_last``, never one of the best ``keep_best``
-    by ``metric`` (what a top-k merge would pick) and never the one ``latest`` names."""
-    if _rank() != 0 or keep_last <= 0:
+    """Rank 0 applies :func:`llada_cpt.checkpoint.selection.apply_retention` (keep the newest ``keep_last``,
+    the best ``keep_best`` by ``metric`` as a top-k merge would pick them, and ``latest``); other ranks return []."""
+    if _rank() != 0:
         return []
-    ckpts = list_checkpoints(save_dir)
-    keep = set(ckpts[-keep_last:])
-    latest = latest_checkpoint(save_dir)
-    if latest is not None:
-        keep.add(latest)
-    if keep_best > 0:  # exactly what `llada-cpt merge --top-k` would pick (same scoring and tie-break)
-        from ..merge import MissingCheckpointError, select_top_k
-
-        for k in range(min(keep_best, len(ckpts)), 0, -1):  # fewer scored checkpoints than keep_best: all
-            try:
-                keep.update(c.path for c in select_top_k(save_dir, k, metric).chosen)
-                break
-            except MissingCheckpointError:
-                continue
-    removed = [p for p in ckpts if p not in keep]
-    for p in removed:
-        shutil.rmtree(p)
-    return removed
+    return selection.apply_retention(save_dir, keep_last, keep_best, metric)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint_verify import require_complete
+from ..checkpoint.verify import require_complete
 from ..config.schema import Config
 from ..config.validation import validate
 from ..diffusion.inputs import DiffusionBatch

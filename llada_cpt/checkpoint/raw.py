@@ -223,7 +223,7 @@ def _sum_range(sources: Sequence[RawSource], weights: Sequence[float], out: torc
                 acc.mul_(w)
             elif acc_dtype == dtype:
                 acc.add_(read, alpha=w)
-            else:  # same ops as checkpoint_io.add_scaled: cast into a buffer, then add
+            else:  # same ops as io.add_scaled: cast into a buffer, then add
                 cast = slabs.cast[:n]
                 cast.copy_(read)
                 acc.add_(cast, alpha=w)

@@ -57,8 +57,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
-from .checkpoint_raw import RawSource, stored_layout
-from .errors import UserError
+from ..errors import UserError
+from .raw import RawSource, stored_layout
 
 __all__ = [
     "CheckpointFormatError",
@@ -282,7 +282,7 @@ class TorchDistCheckpoint:
 
         Found when one stored chunk holds the whole region, the region is a contiguous
         run of that chunk (leading indices fixed, one dimension cut, trailing ones
-        whole), and the chunk is stored plainly (see :mod:`llada_cpt.checkpoint_raw`).
+        whole), and the chunk is stored plainly (see :mod:`llada_cpt.checkpoint.raw`).
         Otherwise the region must be read with :meth:`read_region`.
         """
         info = self.tensors[key]

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .checkpoint_paths import LATEST, list_checkpoints
-from .errors import UserError
+from ..errors import UserError
+from .paths import LATEST, list_checkpoints
 
 __all__ = ["CheckpointCorruptError", "Verdict", "verify_checkpoint", "verify_run", "require_complete", "main"]
 
-MEGATRON_CONFIG = "metadata.json"  # (the same names as checkpoint_io, which imports torch's DCP planners)
+MEGATRON_CONFIG = "metadata.json"  # (the same names as checkpoint.io, which imports torch's DCP planners)
 DCP_METADATA = ".metadata"
 COMMON_FILE = "common.pt"
 

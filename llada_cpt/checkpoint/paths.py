@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["LATEST", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics",
            "resolve_checkpoint"]
