@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the environment header of a result and its atomic write.
+"""What every benchmark script shares: the environment header of a result and its atomic write
+(:func:`llada_cpt.files.write_atomic`, re-exported here).
 
 Lives in the package (not under ``benchmarks/``) so that scripts in any folder
 (``benchmarks/*.py``, ``kernels/bench_attention.py``) import it the same way,
@@ -9,32 +10,18 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 
+from .files import write_atomic
+
 __all__ = ["write_atomic", "cpu_model", "device_name", "utc_timestamp", "package_versions", "environment",
            "status_cell", "unavailable_notes"]
 
 UNAVAILABLE = "unavailable: "
-
-
-def write_atomic(path: Union[str, os.PathLike], text: str) -> None:
-    """Write via a temporary file in the same folder, so an interrupted run leaves no partial result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def cpu_model() -> str:

@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 
 from ..arg_types import float_range, int_range
 from ..errors import ConfigError, DataError
+from ..files import write_atomic
 from .prompts import CHAT_TEMPLATES, default_template, encode_record, read_records
 from .sampler import GenerationBatch, GenerationResult, GenerationStats, SamplerConfig, check_prompts, token_budget
 
@@ -161,11 +162,7 @@ def generate_distributed(m, prompts: List[List[int]], cfg: SamplerConfig, show_p
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     """All rows or nothing: written to a temporary file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check_output_path(output: Optional[str], inputs: Sequence[Optional[str]] = ()) -> Optional[Path]:

@@ -38,6 +38,7 @@ from ..checkpoint.paths import (LATEST, checkpoint_name, latest_checkpoint, list
 from ..checkpoint.verify import damaged, require_complete
 from ..config.loader import dump_config
 from ..errors import UserError, reraise_disk_full
+from ..files import write_atomic
 from ..parallel.expert_checkpoint import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
 from .distributed import unwrap
 
@@ -62,9 +63,7 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     if _rank() != 0:
         return
     data = {**read_metrics(path), **metrics}
-    tmp = Path(path) / "metrics.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, Path(path) / "metrics.json")
+    write_atomic(Path(path) / "metrics.json", json.dumps(data, indent=2, sort_keys=True))
 
 
 def _rng_state() -> dict:
@@ -84,15 +83,6 @@ def _set_rng_state(state: dict) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -172,7 +162,7 @@ def save_checkpoint(
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, final.name + "\n")
+        write_atomic(root / LATEST, final.name + "\n", durable=True)
     _barrier()
     return final
 
