@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from ..errors import UserError
+from .paths import COMMON_FILE, MEGATRON_CONFIG
 from .raw import RawSource, stored_layout
 
 __all__ = [
@@ -76,8 +77,6 @@ __all__ = [
     "COMMON_FILE",
 ]
 
-MEGATRON_CONFIG = "metadata.json"
-COMMON_FILE = "common.pt"
 TORCH_DIST = "torch_dist"
 
 

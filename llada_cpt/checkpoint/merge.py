@@ -46,6 +46,7 @@ import yaml
 from ..arg_types import int_range
 from ..errors import reraise_disk_full
 from . import paths as ckpt
+from .paths import CONFIG_FILE, METRICS_FILE
 from .io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes, write_order,
                  write_torch_dist)
 from .raw import weighted_sum
@@ -83,7 +84,7 @@ def _is_model_key(key: str) -> bool:
 
 
 def _model_config(path: Path) -> Optional[dict]:
-    f = path / "config.yaml"
+    f = path / CONFIG_FILE
     if not f.is_file():
         return None
     data = yaml.safe_load(f.read_text()) or {}
@@ -330,10 +331,10 @@ def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = Tr
         if progress:
             print(f"merge: {averager.direct} regions read directly from the files, {averager.through_dcp} "
                   "through torch.distributed.checkpoint", file=sys.stderr)
-        config = selection.chosen[0].path / "config.yaml"
+        config = selection.chosen[0].path / CONFIG_FILE
         if config.is_file():
-            shutil.copyfile(config, target / "config.yaml")
-        (target / "metrics.json").write_text(json.dumps(_merge_metrics(selection, plan, iteration), indent=2))
+            shutil.copyfile(config, target / CONFIG_FILE)
+        (target / METRICS_FILE).write_text(json.dumps(_merge_metrics(selection, plan, iteration), indent=2))
         (tmp / ckpt.LATEST).write_text(name + "\n")
         fsync_tree(tmp)
         if out.exists():  # appeared while we were writing

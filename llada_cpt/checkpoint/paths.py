@@ -13,10 +13,17 @@ from typing import Optional
 
 from ..errors import UserError
 
-__all__ = ["LATEST", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics",
-           "resolve_checkpoint"]
+__all__ = ["LATEST", "MEGATRON_CONFIG", "COMMON_FILE", "DCP_METADATA", "CONFIG_FILE", "METRICS_FILE", "EMBEDDING_KEY",
+           "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics", "resolve_checkpoint"]
 
-LATEST = "latest"
+# The names of a run directory and of one checkpoint, defined once for every reader and writer.
+LATEST = "latest"  # the run directory's pointer to its newest complete checkpoint
+MEGATRON_CONFIG = "metadata.json"  # Megatron dist_checkpointing's marker: written last, so its presence means complete
+COMMON_FILE = "common.pt"  # Megatron's non-sharded state
+DCP_METADATA = ".metadata"  # torch DCP's index of the stored chunks
+CONFIG_FILE = "config.yaml"  # the resolved config of the run that saved it
+METRICS_FILE = "metrics.json"  # iteration, tokens, validation metrics (what top-k selection ranks)
+EMBEDDING_KEY = "embedding.word_embeddings.weight"  # the (padded) word embedding: its rows are the stored vocabulary
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -31,7 +38,7 @@ def latest_checkpoint(save_dir: Optional[str | Path]) -> Optional[Path]:
     if not pointer.is_file():
         return None
     path = Path(save_dir) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
+    if not (path / MEGATRON_CONFIG).is_file():
         raise UserError(f"{pointer} names `{path.name}`, which is not a complete checkpoint; "
                         "point `latest` at an existing iter_* directory or remove it to start fresh")
     return path
@@ -41,11 +48,11 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (``*.tmp`` leftovers are ignored)."""
     root = Path(save_dir)
     return sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "metadata.json").is_file())
+                  and (p / MEGATRON_CONFIG).is_file())
 
 
 def read_metrics(path: str | Path) -> dict:
-    f = Path(path) / "metrics.json"
+    f = Path(path) / METRICS_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
@@ -54,7 +61,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint `{p}` does not exist; pass a run directory or an iter_* directory")
-    if (p / "metadata.json").is_file():
+    if (p / MEGATRON_CONFIG).is_file():
         return p
     found = latest_checkpoint(p)
     if found is None:

@@ -27,13 +27,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..errors import UserError
-from .paths import LATEST, list_checkpoints
+from .paths import COMMON_FILE, CONFIG_FILE, DCP_METADATA, LATEST, MEGATRON_CONFIG, METRICS_FILE, list_checkpoints
 
 __all__ = ["CheckpointCorruptError", "Verdict", "verify_checkpoint", "verify_run", "require_complete", "main"]
 
-MEGATRON_CONFIG = "metadata.json"  # (the same names as checkpoint.io, which imports torch's DCP planners)
-DCP_METADATA = ".metadata"
-COMMON_FILE = "common.pt"
 
 
 class CheckpointCorruptError(UserError):
@@ -140,7 +137,7 @@ def verify_checkpoint(path: str | Path, weights_only: bool = False) -> Verdict:
     training = "optimizer" in verdict.parts and not weights_only  # a training save always writes these
     metrics: dict = {}
     try:
-        metrics = json.loads((path / "metrics.json").read_text())
+        metrics = json.loads((path / METRICS_FILE).read_text())
         verdict.parts.append("metrics")
     except FileNotFoundError:
         if training:
@@ -148,7 +145,7 @@ def verify_checkpoint(path: str | Path, weights_only: bool = False) -> Verdict:
     except (OSError, ValueError) as err:
         verdict.problems.append(f"metrics.json is damaged ({err})")
     try:
-        yaml.safe_load((path / "config.yaml").read_text())
+        yaml.safe_load((path / CONFIG_FILE).read_text())
         verdict.parts.append("config")
     except FileNotFoundError:
         if training:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import yaml
 
+from ..checkpoint.paths import EMBEDDING_KEY
 from ..config.loader import config_from_dict
 from ..config.schema import Config, ParallelConfig
 from ..errors import reraise_disk_full
@@ -36,7 +37,6 @@ from .tokenizer_files import copy_tokenizer_files, find_tokenizer, inspect_token
 
 __all__ = ["ExportPlan", "plan_export", "export_hf", "stored_vocab_rows", "EMBEDDING_KEY"]
 
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..checkpoint.paths import EMBEDDING_KEY
 from ..config.schema import ModelConfig
 from .errors import ConvertError
 
@@ -314,7 +315,7 @@ class Slot:
 
 def model_slots(arch: Architecture, m: ModelConfig) -> Dict[str, Slot]:
     """Canonical Megatron name (global layer and expert numbers) -> :class:`Slot`, for the whole model."""
-    slots: Dict[str, Slot] = {"embedding.word_embeddings.weight": Slot(("model.embed_tokens.weight",), "vocab")}
+    slots: Dict[str, Slot] = {EMBEDDING_KEY: Slot(("model.embed_tokens.weight",), "vocab")}
     for layer in range(m.num_layers):
         hf = f"model.layers.{layer}."
         mg = f"decoder.layers.{layer}."

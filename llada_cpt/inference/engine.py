@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..checkpoint.paths import EMBEDDING_KEY
 from ..config.schema import Config
 from ..errors import ConfigError, UserError
 from .kv_cache import KVCache
@@ -41,8 +42,6 @@ __all__ = [
     "trained_block_size",
     "block_size_warning",
 ]
-
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
 class CheckpointError(UserError, FileNotFoundError):

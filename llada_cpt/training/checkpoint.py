@@ -33,8 +33,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint import selection
-from ..checkpoint.paths import (LATEST, checkpoint_name, latest_checkpoint, list_checkpoints,  # noqa: F401
-                                read_metrics, resolve_checkpoint)
+from ..checkpoint.paths import (EMBEDDING_KEY, LATEST, checkpoint_name, latest_checkpoint,  # noqa: F401
+                                list_checkpoints, read_metrics, resolve_checkpoint)
 from ..checkpoint.verify import damaged, require_complete
 from ..config.loader import dump_config
 from ..errors import UserError, reraise_disk_full
@@ -210,7 +210,6 @@ def load_checkpoint(
     return dict(loaded.get("state") or {})
 
 
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
 def check_vocab(path: str | Path, vocab_size: int) -> None:
