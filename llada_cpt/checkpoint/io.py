@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from ..errors import UserError
-from .paths import COMMON_FILE, MEGATRON_CONFIG
+from .paths import COMMON_FILE, EMBEDDING_KEY, MEGATRON_CONFIG
 from .raw import RawSource, stored_layout
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "Region",
     "TensorInfo",
     "TorchDistCheckpoint",
+    "stored_embedding",
     "OutputTensor",
     "write_order",
     "write_torch_dist",
@@ -369,6 +370,16 @@ class TorchDistCheckpoint:
         self._reader.read_data(LoadPlan([item]), planner).wait()
         assert planner.data is not None
         return planner.data
+
+
+def stored_embedding(path: str | Path) -> Optional[TensorInfo]:
+    """The stored word embedding (rows = the vocabulary padded by the TP size that saved it, dtype), read from the
+    checkpoint's metadata alone; None when it holds none.  The one reader of the stored vocabulary rows."""
+    ckpt = TorchDistCheckpoint(path)
+    try:
+        return ckpt.tensors.get(EMBEDDING_KEY)
+    finally:
+        ckpt.close()
 
 
 @dataclass(frozen=True)

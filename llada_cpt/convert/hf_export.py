@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import yaml
 
+from ..checkpoint.io import CheckpointFormatError, stored_embedding
 from ..checkpoint.paths import EMBEDDING_KEY
 from ..config.loader import config_from_dict
 from ..config.schema import Config, ParallelConfig
@@ -35,7 +36,7 @@ from .mapping import Architecture, canonical_name, hf_config_from_model, hf_tens
 from .safetensors_io import ShardedWriter, read_config
 from .tokenizer_files import copy_tokenizer_files, find_tokenizer, inspect_tokenizer
 
-__all__ = ["ExportPlan", "plan_export", "export_hf", "stored_vocab_rows", "EMBEDDING_KEY"]
+__all__ = ["ExportPlan", "plan_export", "export_hf", "stored_vocab_rows"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -63,14 +64,16 @@ def stored_vocab_rows(checkpoint: str | os.PathLike) -> tuple[int, torch.dtype]:
     The padding depends on the TP size that saved it (``make_vocab_size_divisible_by * tp``),
     so a model loading it with another TP size must be built with these rows.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        md = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata[EMBEDDING_KEY]
-    except (FileNotFoundError, KeyError) as err:
-        raise ConvertError(f"`{checkpoint}` holds no `{EMBEDDING_KEY}` ({err}); it is not a complete "
-                           "model checkpoint") from None
-    return int(md.size[0]), md.properties.dtype
+        info = stored_embedding(checkpoint)
+    except CheckpointFormatError as err:
+        info, why = None, str(err)
+    else:
+        why = "no such tensor"
+    if info is None:
+        raise ConvertError(f"`{checkpoint}` holds no `{EMBEDDING_KEY}` ({why}); it is not a complete "
+                           "model checkpoint")
+    return int(info.shape[0]), info.dtype
 
 
 def _export_tokenizer(cfg: Config, checkpoint: Path, template_dir: Optional[Path]) -> Optional[Path]:

@@ -26,7 +26,6 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..checkpoint.paths import EMBEDDING_KEY
 from ..config.schema import Config
 from ..errors import ConfigError, UserError
 from .kv_cache import KVCache
@@ -127,7 +126,7 @@ def _load_tokenizer(cfg: Config):
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Resolve ``path`` (run directory with ``latest``, or an ``iter_*`` directory) and read its metadata."""
     from ..config.loader import load_config
-    from ..training.checkpoint import read_metrics, resolve_checkpoint
+    from ..checkpoint.paths import read_metrics, resolve_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -147,14 +146,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
                           context_length=int(cfg.model.max_position_embeddings))
 
 
-def _embedding_rows(path: Path) -> Optional[int]:
-    """Rows of the stored (padded) embedding: the model must be built with exactly that many."""
-    from ..checkpoint.io import TorchDistCheckpoint
-
-    info = TorchDistCheckpoint(path).tensors.get(EMBEDDING_KEY)
-    return info.shape[0] if info is not None else None
-
-
 def load_model_for_inference(ckpt: str | os.PathLike | CheckpointInfo, tp: int = 1, precision: str = "auto",
                              seed: int = 0) -> InferenceModel:
     """Build the checkpoint's model for ``tp`` tensor-parallel ranks and load its weights (no optimizer).
@@ -163,6 +154,7 @@ def load_model_for_inference(ckpt: str | os.PathLike | CheckpointInfo, tp: int =
     without a launcher; under ``--nproc`` / torchrun the world is ``tp x dp``).
     ``precision``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
     """
+    from ..checkpoint.io import stored_embedding
     from ..config.schema import ParallelConfig
     from ..model.provider import build_model
     from ..training.checkpoint import load_checkpoint
@@ -172,7 +164,8 @@ def load_model_for_inference(ckpt: str | os.PathLike | CheckpointInfo, tp: int =
     info = ckpt if isinstance(ckpt, CheckpointInfo) else inspect_checkpoint(ckpt)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=False)
     initialize(parallel, seed=seed)
-    rows = _embedding_rows(info.path)
+    stored = stored_embedding(info.path)  # build exactly the stored rows, whatever TP size saved them
+    rows = stored.shape[0] if stored is not None else None
     model_cfg = info.config.model
     vocab = info.tokenizer.vocab_size
     if rows is not None:

@@ -33,7 +33,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint import selection
-from ..checkpoint.paths import (EMBEDDING_KEY, LATEST, checkpoint_name, latest_checkpoint,  # noqa: F401
+from ..checkpoint.io import stored_embedding
+from ..checkpoint.paths import (LATEST, checkpoint_name, latest_checkpoint,  # noqa: F401
                                 list_checkpoints, read_metrics, resolve_checkpoint)
 from ..checkpoint.verify import damaged, require_complete
 from ..config.loader import dump_config
@@ -227,11 +228,10 @@ def check_vocab(path: str | Path, vocab_size: int) -> None:
     import yaml
 
     require_complete(path)
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
-    tensor = meta.get(EMBEDDING_KEY)
+    tensor = stored_embedding(path)
     if tensor is None:  # not a GPT checkpoint of ours (nothing to compare)
         return
-    rows = int(tensor.global_shape[0])
+    rows = int(tensor.shape[0])
     saved = {}
     cfg_file = Path(path) / "config.yaml"
     if cfg_file.is_file():
