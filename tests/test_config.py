@@ -65,6 +65,15 @@ def test_validation_errors(override, world, msg):
         validate(cfg, world_size=world)
 
 
+@pytest.mark.parametrize("override", [
+    ["train.lr=0", "train.min_lr=0"],  # determinism checks / resuming without changing weights
+    ["stage=sft", "diffusion.mask_ratio_min=0.3", "diffusion.mask_ratio_max=0.8"],  # asymmetric band
+    ["stage=dpo", "dpo.lr=0"],
+])
+def test_boundary_values_that_are_legitimate(override):
+    validate(load_config(None, ["model.preset=tiny", "data.demo=true"] + override))
+
+
 def test_all_problems_listed():
     cfg = load_config(None, ["model.preset=tiny", "data.demo=true", "parallel.tensor_model_parallel_size=3",
                              "parallel.pipeline_model_parallel_size=3"])

@@ -40,7 +40,7 @@ RANGES: Tuple[Tuple[str, str], ...] = (
     ("diffusion.embedding_noise_steps", "[0, inf)"),
     ("data.seed", "[0, inf)"),
     ("train.train_steps", "[1, inf)"),
-    ("train.lr", "(0, inf)"),
+    ("train.lr", "[0, inf)"),  # 0 is legitimate: determinism checks, resuming without changing weights
     ("train.min_lr", "[0, inf)"),
     ("train.lr_warmup_steps", "[0, inf)"),
     ("train.lr_wsd_decay_steps", "[1, inf)"),
@@ -59,7 +59,7 @@ RANGES: Tuple[Tuple[str, str], ...] = (
     ("logging.peak_tflops", "(0, inf)"),
     ("sft.cap_lambda", "[0, inf)"),
     ("dpo.beta", "(0, inf)"),
-    ("dpo.lr", "(0, inf)"),
+    ("dpo.lr", "[0, inf)"),
     ("rl.group_size", "[2, inf)"),  # GRPO advantages compare rollouts of one prompt
     ("rl.groups_per_step", "[1, inf)"),
     ("rl.max_oversample", "[1, inf)"),

@@ -149,8 +149,8 @@ def _post_training_problems(cfg: Config) -> list[str]:
     if name == "dpo":
         if s.beta <= 0:
             out.append(f"dpo.beta={s.beta} must be > 0")
-        if s.lr is not None and s.lr <= 0:
-            out.append(f"dpo.lr={s.lr} must be > 0 (or null for the SFT checkpoint's final rate)")
+        if s.lr is not None and s.lr < 0:
+            out.append(f"dpo.lr={s.lr} must be >= 0 (or null for the SFT checkpoint's final rate)")
         d = cfg.diffusion
         if d.embedding_noise_steps > 0 and d.embedding_noise_std > 0:
             out.append("DPO compares policy and reference on identical inputs: set "
