@@ -97,8 +97,8 @@ def _continuous_t_draw(lm, ctx: list, cont: list, g) -> float:
     if not bool(hit.any()):
         return 0.0
     row = torch.tensor([False] * len(ctx) + hit.tolist())
-    logp = lm._log_probs([ctx + cont], [row])[0]
-    return sum(float(logp[len(ctx) + k, c]) for k, c in enumerate(cont) if hit[k]) / t
+    logp = lm._score_rows([ctx + cont], [row], [(len(ctx), cont)])[0][0]
+    return sum(float(logp[k]) for k in range(len(cont)) if hit[k]) / t
 
 
 def _spread(lm, reqs, draws: int) -> dict:

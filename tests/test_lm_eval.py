@@ -163,8 +163,8 @@ def _elbo_checks(rank: int, world: int, ckpt: str) -> dict:
         tokens, total = ctx + cont, 0.0
         for pattern in mask_patterns(len(cont)):
             row = torch.tensor([False] * len(ctx) + pattern)
-            logp = lm._log_probs([tokens], [row])[0]
-            picked = sum(float(logp[len(ctx) + k, cont[k]]) for k, m in enumerate(pattern) if m)
+            logp = lm._score_rows([tokens], [row], [(len(ctx), cont)])[0][0]
+            picked = sum(float(logp[k]) for k, m in enumerate(pattern) if m)
             total += pattern_weight(sum(pattern), len(cont)) * picked
         return total
 
@@ -197,6 +197,81 @@ def test_monte_carlo_elbo_is_unbiased_and_exact_at_block_size_one(setup):
     assert [v for v, _ in together] == pytest.approx([v for v, _ in alone], rel=1e-6)
 
 
+# ------------------------------------------------------------------------ memory bound, ar = hf exactly
+
+
+def _cap_checks(rank: int, world: int, ckpt: str) -> dict:
+    from llada_cpt.inference.harness import LladaLM
+
+    lm = LladaLM(ckpt=ckpt, scoring="diffusion", block_size=2, mc_samples=4)
+    seen: list = []
+    forward = lm.m.model.forward
+
+    def recording(inp, *args, **kwargs):
+        seen.append(tuple(inp.shape))  # [rows, input width]
+        return forward(inp, *args, **kwargs)
+
+    lm.m.model.forward = recording
+    reqs = [([5, 9, 13, 2, 7], [21, 34, 55]), ([7, 8], [9, 10, 11, 12]), ([3], [4]), ([6, 6, 6], [8, 9])]
+    out = {}
+    for scoring, score in (("diffusion", lm._diffusion_scores), ("ar", lm._ar_scores)):
+        lm.scoring = scoring
+        for cap in (10 ** 9, 30, 16, 1):
+            lm.opts.max_tokens_per_forward = cap
+            seen.clear()
+            out[scoring, cap] = (score(reqs), list(seen))
+    return out
+
+
+def test_forwards_stay_within_max_tokens_per_forward_and_scores_do_not_change(setup):
+    res = run_distributed(_cap_checks, 1, str(setup["ckpt"]))[0]
+    assert "traceback" not in res, res.get("traceback")
+    # block size 2: two requests span a block with two continuation tokens (4 draws + the greedy row each), two
+    # hold one continuation token per block (one exact row each)
+    for scoring, rows in (("diffusion", 2 * (4 + 1) + 2), ("ar", 4)):
+        unbounded, unbounded_seen = res[scoring, 10 ** 9]
+        assert [b for b, _ in unbounded_seen] == [rows]  # everything in one forward without a cap
+        for cap in (30, 16, 1):
+            scores, seen = res[scoring, cap]
+            assert sum(b for b, _ in seen) == rows
+            assert all(b * width <= cap or b == 1 for b, width in seen), (scoring, cap, seen)
+            assert [g for _, g in scores] == [g for _, g in unbounded]
+            assert [v for v, _ in scores] == pytest.approx([v for v, _ in unbounded], rel=1e-6)
+        assert [b for b, _ in res[scoring, 1][1]] == [1] * rows  # a row wider than the cap runs alone
+        assert max(b for cap in (30, 16) for b, _ in res[scoring, cap][1]) > 1  # the cap packs rows
+
+
+def _ar_and_hf(rank: int, world: int, ckpt: str, hf_dir: str) -> dict:
+    from llada_cpt.inference.harness import LladaLM
+
+    lm = LladaLM(ckpt=ckpt)  # a fresh import: scoring=auto is ar
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # 99 = the tokenizer's own [MASK], an ordinary HF token; the first request pins the normaliser alone
+    reqs = [([5, 9, 13, 2], [21, 34]), ([5, 9, 13, 2], [21, 34, 99])]
+    ref = []
+    for ctx, cont in reqs:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), dim=-1)
+        ref.append(sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont)))
+    return {"scoring": lm.scoring, "ours": [v for v, _ in lm._ar_scores(reqs)], "hf": ref,
+            "mask_id": lm.info.mask_id}
+
+
+def test_ar_scoring_is_the_hf_softmax_even_with_the_mask_in_its_vocabulary(setup):
+    """scoring=ar normalises over the HF model's own rows: [MASK] included when the HF vocabulary holds it."""
+    import shutil
+
+    hf = setup["root"] / "hf_mask"
+    shutil.copytree(setup["hf"], hf)
+    _word_level_tokenizer(hf, with_mask=True)  # [MASK] = id 99, inside the HF model's 100 rows
+    proc = run(cli("convert", "import", "--hf", str(hf), "--out", str(setup["root"] / "ckpt_mask")), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = run_distributed(_ar_and_hf, 1, str(setup["root"] / "ckpt_mask"), str(hf))[0]
+    assert "traceback" not in res, res.get("traceback")
+    assert res["scoring"] == "ar" and res["mask_id"] == 99
+    assert res["ours"] == pytest.approx(res["hf"], rel=1e-5)
+
+
 # ------------------------------------------------------------------------ shipped tasks, bad input
 
 
@@ -223,6 +298,7 @@ def test_shipped_tasks_load_offline(monkeypatch):
     ("block_size=big", "block_size='big' is not an integer"),
     ("scoring=exact", "scoring='exact' is not one of auto, diffusion, ar"),
     ("dtype=fp8", "dtype='fp8'"),
+    ("max_tokens_per_forward=0", "max_tokens_per_forward=0 must be >= 1"),
 ])
 def test_bad_model_args_are_one_clear_error(setup, capsys, model_args, message):
     from llada_cpt.cli import main

@@ -12,8 +12,13 @@
   size 1): what a checkpoint imported from Hugging Face and not yet trained is.
   ``auto`` (default) picks ``ar`` for such an import and ``diffusion`` otherwise.
 
-Both score over the real vocabulary (no padding rows, never ``[MASK]``), as the
-sampler proposes.  ``loglikelihood_rolling`` scores the harness's rolling windows
+``diffusion`` scores over the real vocabulary (no padding rows, never ``[MASK]``),
+as the sampler proposes; ``ar`` over the Hugging Face model's own rows (its
+``vocab_size``, ``[MASK]`` included when it has one), so that it equals the
+harness's ``hf`` model.  Rows go through the model in micro-batches of at most
+``max_tokens_per_forward`` input tokens, and only the scored positions' target
+log-probability and argmax leave the device (never ``[L, V]`` log-probs).
+``loglikelihood_rolling`` scores the harness's rolling windows
 of ``max_length`` tokens the same way; ``generate_until`` runs the project's
 block sampler (:func:`llada_cpt.inference.generation.generate`, KV cache), greedy
 unless the task asks for sampling, and cuts at the stop strings.
@@ -62,7 +67,10 @@ class HarnessOptions:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     tp: int = 1  # tensor-parallel size (needs --nproc a multiple of it)
     seed: int = 0
-    batch_size: int = 8  # requests per forward (the harness's --batch_size)
+    batch_size: int = 8  # requests per scoring call (the harness's --batch_size)
+    # input tokens (rows x padded width, both halves of [x_t ; x_0]) per model forward: bounds the [rows, L, V]
+    # logits (8192 x 151,936 bf16 = 2.5 GB); a single longer row still runs alone
+    max_tokens_per_forward: int = 8192
 
     def validate(self) -> None:
         if not self.ckpt:
@@ -72,7 +80,8 @@ class HarnessOptions:
         if self.dtype not in DTYPES:
             raise ConfigError(f"model_args dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         self.dtype = DTYPES[self.dtype]
-        for name in ("mc_samples", "min_tokens_per_step", "tp", "batch_size", "max_new_tokens"):
+        for name in ("mc_samples", "min_tokens_per_step", "tp", "batch_size", "max_new_tokens",
+                     "max_tokens_per_forward"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model_args {name}={getattr(self, name)} must be >= 1")
         for name in ("block_size", "steps", "max_length"):
@@ -220,7 +229,8 @@ class LladaLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {"checkpoint": str(self.info.path), "block_size": self.block_size, "scoring": self.scoring,
-                "mc_samples": self.opts.mc_samples, "max_length": self.max_length}
+                "mc_samples": self.opts.mc_samples, "max_length": self.max_length,
+                "max_tokens_per_forward": self.opts.max_tokens_per_forward}
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -253,8 +263,37 @@ class LladaLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
 
-    def _log_probs(self, tokens: List[List[int]], masked: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
-        """Per-row log-probabilities ``[len_i, V]`` over the real vocabulary.
+    def _scoring_vocab(self) -> Tuple[int, Optional[int]]:
+        """``(rows, excluded)``: the logit rows a score normalises over and the one id left out of them.
+
+        ``ar`` is the Hugging Face model as imported: its own ``vocab_size`` rows (the
+        harness's ``hf`` model softmaxes over exactly those), not the added mask row nor
+        Megatron's padding.  ``diffusion`` is the sampler's vocabulary: the tokenizer's
+        tokens without ``[MASK]``.
+        """
+        if self.scoring == "ar":
+            return int(self.info.metrics.get("hf_vocab_size", self.tokenizer.vocab_size)), None
+        return self.tokenizer.vocab_size, self.info.mask_id
+
+    def _micro_batches(self, lengths: List[int], masked: bool) -> List[range]:
+        """Consecutive row ranges whose forward input (rows x padded width) stays within ``max_tokens_per_forward``.
+
+        The width is that of :meth:`_forward`'s layout: ``[x_t ; x_0]`` doubles it
+        unless one block covers every row (MDLM layout).  A row over the cap runs alone.
+        """
+        cap, out, first, longest = self.opts.max_tokens_per_forward, [], 0, 0
+        for i, n in enumerate(lengths):
+            wide = max(longest, n)
+            width = wide * (2 if masked and self.block_size < wide else 1)
+            if i > first and (i - first + 1) * width > cap:
+                out.append(range(first, i))
+                first, wide = i, n
+            longest = wide
+        out.append(range(first, len(lengths)))
+        return out
+
+    def _forward(self, tokens: List[List[int]], masked: Optional[List[torch.Tensor]]) -> torch.Tensor:
+        """Logits ``[rows, L, padded V]`` of one forward (on the device, model dtype).
 
         ``masked`` None: causal forward of the clean rows (position ``k`` predicts
         token ``k + 1``).  Otherwise row ``i``'s masked positions are ``[MASK]`` in
@@ -284,12 +323,34 @@ class LladaLM(TemplateLM):
         layout.doc_ids = layout.doc_ids.to(dev)
         module = self.m.model
         with torch.no_grad(), _noised_half_head(module, layout.num_copies == 2):
-            logits = module(inp.to(dev), layout.position_ids(local=False).to(dev), attention_mask=layout,
-                            runtime_gather_output=True)
-        logits = logits[..., : self.tokenizer.vocab_size].float()
-        logits[..., info.mask_id] = float("-inf")  # the mask is never a prediction (as in the sampler)
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        return [logp[i, : len(t)] for i, t in enumerate(tokens)]
+            return module(inp.to(dev), layout.position_ids(local=False).to(dev), attention_mask=layout,
+                          runtime_gather_output=True)
+
+    def _score_rows(self, tokens: List[List[int]], masked: Optional[List[torch.Tensor]],
+                    spans: List[Tuple[int, List[int]]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per row, ``(log p(target) [n] float64, argmax == target [n] bool)`` at positions ``start .. start + n``.
+
+        ``spans[i] = (start, targets)``; the forward is :meth:`_forward`'s, in
+        micro-batches (:meth:`_micro_batches`).  Only the scored positions' logits are
+        normalised (log-sum-exp over :meth:`_scoring_vocab`), on the device.
+        """
+        vocab, excluded = self._scoring_vocab()
+        out: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        for part in self._micro_batches([len(t) for t in tokens], masked is not None):
+            logits = self._forward([tokens[i] for i in part], None if masked is None else [masked[i] for i in part])
+            rows = torch.cat([torch.full((len(spans[i][1]),), j, dtype=torch.long) for j, i in enumerate(part)])
+            cols = torch.cat([torch.arange(spans[i][0], spans[i][0] + len(spans[i][1])) for i in part])
+            target = torch.cat([torch.as_tensor(spans[i][1], dtype=torch.long) for i in part]).to(logits.device)
+            picked = logits[rows.to(logits.device), cols.to(logits.device), :vocab].float()
+            del logits
+            if excluded is not None:
+                picked[:, excluded] = float("-inf")  # the mask is never a prediction (as in the sampler)
+            lp = picked.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)
+            hit = picked.argmax(-1) == target
+            for lp_i, hit_i in zip(lp.double().cpu().split([len(spans[i][1]) for i in part]),
+                                   hit.cpu().split([len(spans[i][1]) for i in part])):
+                out.append((lp_i, hit_i))
+        return out
 
     def _ar_scores(self, reqs: List[Tuple[List[int], List[int]]]) -> List[Tuple[float, bool]]:
         rows, spans = [], []
@@ -297,12 +358,7 @@ class LladaLM(TemplateLM):
             whole = (ctx + cont)[-(self.max_length + 1):]
             rows.append(whole[:-1])
             spans.append((len(whole) - 1 - len(cont), cont))
-        out = []
-        for logp, (start, cont) in zip(self._log_probs(rows, None), spans):
-            lp = logp[start:start + len(cont)]
-            target = torch.as_tensor(cont, dtype=torch.long)
-            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-        return out
+        return [(float(lp.sum()), bool(hit.all())) for lp, hit in self._score_rows(rows, None, spans)]
 
     def _diffusion_rows(self, ctx: List[int], cont: List[int]):
         """The forward rows of one request: ``(tokens, [(masked, weight)] samples, greedy masked row)``."""
@@ -325,27 +381,22 @@ class LladaLM(TemplateLM):
     def _diffusion_scores(self, reqs: List[Tuple[List[int], List[int]]]) -> List[Tuple[float, bool]]:
         rows: List[List[int]] = []
         masks: List[torch.Tensor] = []
+        spans: List[Tuple[int, List[int]]] = []
         plan = []
         for ctx, cont in reqs:
             tokens, c, samples, greedy = self._diffusion_rows(ctx, cont)
             first = len(rows)
-            for row, _ in samples:
+            for row, _ in samples + ([(greedy, None)] if greedy is not None else []):
                 rows.append(tokens)
                 masks.append(row)
-            if greedy is not None:
-                rows.append(tokens)
-                masks.append(greedy)
-            plan.append((first, c, cont, [w for _, w in samples], greedy is not None))
-        logps = self._log_probs(rows, masks)
+                spans.append((c, cont))
+            plan.append((first, [w for _, w in samples], greedy is not None))
+        scored = self._score_rows(rows, masks, spans)
         out = []
-        for first, c, cont, weights, has_greedy in plan:
-            target = torch.as_tensor(cont, dtype=torch.long)
-            estimates = []
-            for s, w in enumerate(weights):
-                lp = logps[first + s][c:].gather(1, target[:, None]).squeeze(1).double()
-                estimates.append(float((w * lp).sum()))
-            greedy_lp = logps[first + len(weights) if has_greedy else first][c:]
-            out.append((sum(estimates) / len(estimates), bool((greedy_lp.argmax(-1) == target).all())))
+        for first, weights, has_greedy in plan:
+            estimates = [float((w * scored[first + s][0]).sum()) for s, w in enumerate(weights)]
+            greedy_hit = scored[first + len(weights) if has_greedy else first][1]
+            out.append((sum(estimates) / len(estimates), bool(greedy_hit.all())))
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
