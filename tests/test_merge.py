@@ -269,9 +269,9 @@ def test_top_k_selection_min_and_max(root):
 
 
 def test_too_few_scored_checkpoints_and_missing_run(root, tmp_path):
-    with pytest.raises(merge.MissingCheckpointError, match=r"4 checkpoint\(s\) with `val_ppl` but --top-k is 5"):
+    with pytest.raises(merge.CheckpointError, match=r"4 checkpoint\(s\) with `val_ppl` but --top-k is 5"):
         merge.select_top_k(root / "run", 5)
-    with pytest.raises(merge.MissingCheckpointError, match="does not exist"):
+    with pytest.raises(merge.CheckpointError, match="does not exist"):
         merge.select_top_k(tmp_path / "nope", 2)
     assert cli_main(["merge", "--run-dir", str(tmp_path / "nope"), "--top-k", "2", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()

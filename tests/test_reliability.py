@@ -311,11 +311,12 @@ def _fake_run(root: Path, ppl: dict[int, object], latest: int) -> Path:
 
 
 def _merge_picks(root: Path, k: int) -> set[str]:
-    from llada_cpt.checkpoint.selection import MissingCheckpointError, select_top_k
+    from llada_cpt.checkpoint.paths import CheckpointError
+    from llada_cpt.checkpoint.selection import select_top_k
 
     try:
         return {c.path.name for c in select_top_k(root, k).chosen}
-    except MissingCheckpointError:
+    except CheckpointError:
         return set()
 
 

@@ -57,12 +57,10 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
-from ..errors import UserError
-from .paths import COMMON_FILE, EMBEDDING_KEY, MEGATRON_CONFIG
+from .paths import COMMON_FILE, EMBEDDING_KEY, MEGATRON_CONFIG, CheckpointError
 from .raw import RawSource, stored_layout
 
 __all__ = [
-    "CheckpointFormatError",
     "Region",
     "TensorInfo",
     "TorchDistCheckpoint",
@@ -79,10 +77,6 @@ __all__ = [
 ]
 
 TORCH_DIST = "torch_dist"
-
-
-class CheckpointFormatError(UserError, ValueError):
-    """A directory is not a readable torch_dist checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -229,25 +223,25 @@ class TorchDistCheckpoint:
         self.path = Path(path)
         cfg_file = self.path / MEGATRON_CONFIG
         if not cfg_file.is_file():
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"`{self.path}` is not a Megatron dist checkpoint (no {MEGATRON_CONFIG}); pass an iter_* "
                 "directory or a run directory with a `latest` file")
         try:
             backend = json.loads(cfg_file.read_text()).get("sharded_backend")
         except json.JSONDecodeError as err:
-            raise CheckpointFormatError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged") from None
+            raise CheckpointError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged") from None
         if backend != TORCH_DIST:
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"`{self.path}` uses the `{backend}` backend; only `{TORCH_DIST}` checkpoints are supported "
                 "(re-save it with dist_checkpointing's torch_dist strategy)")
         self._reader = dcp.FileSystemReader(str(self.path))
         try:
             self.metadata: Metadata = self._reader.read_metadata()
         except FileNotFoundError:
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"`{self.path}` has no `.metadata` file; the checkpoint is incomplete") from None
         except Exception as err:  # noqa: BLE001 - an unpickling failure can raise nearly anything
-            raise CheckpointFormatError(f"`{self.path}/.metadata` cannot be read ({type(err).__name__}: {err}); "
+            raise CheckpointError(f"`{self.path}/.metadata` cannot be read ({type(err).__name__}: {err}); "
                                         "the checkpoint is damaged (`llada-cpt checkpoint verify` checks it)") from None
         self._reader.set_up_storage_reader(self.metadata, True)
         self.tensors: Dict[str, TensorInfo] = {}
@@ -349,7 +343,7 @@ class TorchDistCheckpoint:
                 lengths=torch.Size(part.sizes),
             ))
         if covered != region.numel:
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"`{key}` in {self.path} is incomplete: its stored chunks cover {covered} of the {region.numel} "
                 f"elements at offsets {region.offsets}; the checkpoint is damaged")
         self._reader.read_data(LoadPlan(items), _RegionPlanner(out, alpha)).wait()

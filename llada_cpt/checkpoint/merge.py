@@ -50,13 +50,14 @@ from .paths import CONFIG_FILE, METRICS_FILE
 from .io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes, write_order,
                  write_torch_dist)
 from .raw import weighted_sum
-from .selection import (DEFAULT_METRIC, Candidate, MergeError, MissingCheckpointError, Selection,  # noqa: F401
-                        normalise_weights, select_explicit, select_top_k)
+from .paths import CheckpointError  # noqa: F401
+from .selection import (DEFAULT_METRIC, Candidate, MergeError, Selection, normalise_weights,  # noqa: F401
+                        select_explicit, select_top_k)
 from .verify import verify_checkpoint
 
 __all__ = [
     "MergeError",
-    "MissingCheckpointError",
+    "CheckpointError",
     "Candidate",
     "Selection",
     "select_top_k",

@@ -13,8 +13,8 @@ from typing import Optional
 
 from ..errors import UserError
 
-__all__ = ["LATEST", "MEGATRON_CONFIG", "COMMON_FILE", "DCP_METADATA", "CONFIG_FILE", "METRICS_FILE", "EMBEDDING_KEY",
-           "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics", "resolve_checkpoint"]
+__all__ = ["CheckpointError", "LATEST", "MEGATRON_CONFIG", "COMMON_FILE", "DCP_METADATA", "CONFIG_FILE", "METRICS_FILE",
+           "EMBEDDING_KEY", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics", "resolve_checkpoint"]
 
 # The names of a run directory and of one checkpoint, defined once for every reader and writer.
 LATEST = "latest"  # the run directory's pointer to its newest complete checkpoint
@@ -24,6 +24,14 @@ DCP_METADATA = ".metadata"  # torch DCP's index of the stored chunks
 CONFIG_FILE = "config.yaml"  # the resolved config of the run that saved it
 METRICS_FILE = "metrics.json"  # iteration, tokens, validation metrics (what top-k selection ranks)
 EMBEDDING_KEY = "embedding.word_embeddings.weight"  # the (padded) word embedding: its rows are the stored vocabulary
+
+
+
+class CheckpointError(UserError):
+    """A checkpoint (or a run's) is missing, incomplete, damaged, or lacks what the command needs.
+
+    The one error type of every checkpoint reader (paths, verify, io, selection, inspect); a
+    :class:`UserError`, so the CLI prints its one line and exits 2."""
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -39,7 +47,7 @@ def latest_checkpoint(save_dir: Optional[str | Path]) -> Optional[Path]:
         return None
     path = Path(save_dir) / pointer.read_text().strip()
     if not (path / MEGATRON_CONFIG).is_file():
-        raise UserError(f"{pointer} names `{path.name}`, which is not a complete checkpoint; "
+        raise CheckpointError(f"{pointer} names `{path.name}`, which is not a complete checkpoint; "
                         "point `latest` at an existing iter_* directory or remove it to start fresh")
     return path
 
@@ -60,10 +68,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run directory (follows ``latest``) or an iter_* directory."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"checkpoint `{p}` does not exist; pass a run directory or an iter_* directory")
+        raise CheckpointError(f"checkpoint `{p}` does not exist; pass a run directory or an iter_* directory")
     if (p / MEGATRON_CONFIG).is_file():
         return p
     found = latest_checkpoint(p)
     if found is None:
-        raise UserError(f"`{p}` holds no checkpoint (no `latest` file and no metadata.json)")
+        raise CheckpointError(f"`{p}` holds no checkpoint (no `latest` file and no metadata.json)")
     return found

@@ -16,8 +16,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from . import paths as ckpt
+from .paths import CheckpointError
 
-__all__ = ["DEFAULT_METRIC", "MergeError", "MissingCheckpointError", "Candidate", "Selection", "normalise_weights",
+__all__ = ["DEFAULT_METRIC", "MergeError", "Candidate", "Selection", "normalise_weights",
            "select_top_k", "select_explicit", "apply_retention"]
 
 DEFAULT_METRIC = "val_ppl"
@@ -25,10 +26,6 @@ DEFAULT_METRIC = "val_ppl"
 
 class MergeError(UserError, ValueError):
     """The requested merge is impossible or unsafe (mismatched inputs, bad output path, bad weights)."""
-
-
-class MissingCheckpointError(UserError, FileNotFoundError):
-    """The run directory or enough scored checkpoints are missing."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ def select_top_k(run_dir: str | Path, k: int, metric: str = DEFAULT_METRIC, mode
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise MissingCheckpointError(f"run directory `{run}` does not exist; pass the checkpoint.save_dir of a run")
+        raise CheckpointError(f"run directory `{run}` does not exist; pass the checkpoint.save_dir of a run")
     if k < 1:
         raise MergeError(f"--top-k must be >= 1, got {k}")
     if mode not in ("min", "max"):
@@ -122,7 +119,7 @@ def select_top_k(run_dir: str | Path, k: int, metric: str = DEFAULT_METRIC, mode
             scored.append((value, cand))
     if len(scored) < k:
         listed = ", ".join(f"{c.path.name} ({why})" for c, why in skipped) or "none"
-        raise MissingCheckpointError(
+        raise CheckpointError(
             f"`{run}` has {len(scored)} checkpoint(s) with `{metric}` but --top-k is {k} "
             f"(unscored: {listed}); lower --top-k or evaluate more checkpoints")
     sign = 1.0 if mode == "min" else -1.0
@@ -139,7 +136,7 @@ def select_explicit(paths: Sequence[str | Path], weights: Optional[Sequence[floa
     resolved, protected = [], []
     for p in paths:
         if not Path(p).exists():
-            raise MissingCheckpointError(f"checkpoint `{p}` does not exist; pass an iter_* or run directory")
+            raise CheckpointError(f"checkpoint `{p}` does not exist; pass an iter_* or run directory")
         resolved.append(ckpt.resolve_checkpoint(p))
         protected.append(Path(p))
     seen = set()
@@ -168,7 +165,7 @@ def apply_retention(save_dir: str | Path, keep_last: int, keep_best: int, metric
         try:
             keep.update(c.path for c in select_top_k(save_dir, k, metric).chosen)
             break
-        except MissingCheckpointError:
+        except CheckpointError:
             continue
     removed = [p for p in ckpts if p not in keep]
     for p in removed:

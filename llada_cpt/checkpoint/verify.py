@@ -26,15 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..errors import UserError
-from .paths import COMMON_FILE, CONFIG_FILE, DCP_METADATA, LATEST, MEGATRON_CONFIG, METRICS_FILE, list_checkpoints
+from .paths import (COMMON_FILE, CONFIG_FILE, DCP_METADATA, LATEST, MEGATRON_CONFIG, METRICS_FILE, CheckpointError,
+                    list_checkpoints)
 
-__all__ = ["CheckpointCorruptError", "Verdict", "verify_checkpoint", "verify_run", "require_complete", "main"]
+__all__ = ["Verdict", "verify_checkpoint", "verify_run", "require_complete", "main"]
 
-
-
-class CheckpointCorruptError(UserError):
-    """A checkpoint that is about to be loaded is incomplete or damaged."""
 
 
 @dataclass
@@ -229,7 +225,7 @@ def _way_out(path: Path) -> str:
 
 
 def require_complete(path: str | Path, resume: bool = False) -> None:
-    """Raise :class:`CheckpointCorruptError` naming ``path``, the first problem and what to do.
+    """Raise :class:`CheckpointError` naming ``path``, the first problem and what to do.
 
     ``resume``: the optimizer state and RNG files must be there too.
     """
@@ -238,9 +234,9 @@ def require_complete(path: str | Path, resume: bool = False) -> None:
     if verdict.ok and resume and not verdict.resumable:
         verdict.problems.append("it holds weights only (no optimizer state or RNG files), so training cannot "
                                 "resume from it; start a new run with train.init_from=" + str(path))
-        raise CheckpointCorruptError(f"checkpoint {path} cannot be resumed: {verdict.problems[0]}")
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {verdict.problems[0]}")
     if not verdict.ok:
-        raise CheckpointCorruptError(f"checkpoint {path} is incomplete or corrupt ({verdict.problems[0]}); "
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({verdict.problems[0]}); "
                                      + _way_out(path))
 
 
@@ -256,9 +252,9 @@ def _innermost(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:100]}{'...' if len(first) > 100 else ''}"
 
 
-def damaged(path: str | Path, err: BaseException) -> CheckpointCorruptError:
+def damaged(path: str | Path, err: BaseException) -> CheckpointError:
     """The error for a load of ``path`` that failed although its files passed :func:`verify_checkpoint`."""
-    return CheckpointCorruptError(
+    return CheckpointError(
         f"cannot load checkpoint {path} ({_innermost(err)}): its files are all there but their content is "
         "damaged, or it was saved by another model; " + _way_out(Path(path)))
 
@@ -277,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
-        raise UserError(f"`{missing[0]}` does not exist; pass an iter_* directory or a run directory")
+        raise CheckpointError(f"`{missing[0]}` does not exist; pass an iter_* directory or a run directory")
     ok = True
     for raw in args.paths:
         path = Path(raw)
@@ -288,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         report = verify_run(path)
         if not report.verdicts and not report.partial and report.latest_line is None:
-            raise UserError(f"`{path}` holds no checkpoint (no iter_* directory and no `latest` file)")
+            raise CheckpointError(f"`{path}` holds no checkpoint (no iter_* directory and no `latest` file)")
         for line in report.lines():
             print(line, flush=True)
         ok &= report.ok

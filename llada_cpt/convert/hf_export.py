@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 import yaml
 
-from ..checkpoint.io import CheckpointFormatError, stored_embedding
-from ..checkpoint.paths import EMBEDDING_KEY
+from ..checkpoint.io import stored_embedding
+from ..checkpoint.paths import EMBEDDING_KEY, CheckpointError
 from ..config.loader import config_from_dict
 from ..config.schema import Config, ParallelConfig
 from ..errors import reraise_disk_full
@@ -66,7 +66,7 @@ def stored_vocab_rows(checkpoint: str | os.PathLike) -> tuple[int, torch.dtype]:
     """
     try:
         info = stored_embedding(checkpoint)
-    except CheckpointFormatError as err:
+    except CheckpointError as err:
         info, why = None, str(err)
     else:
         why = "no such tensor"

@@ -26,8 +26,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..checkpoint.paths import CheckpointError
 from ..config.schema import Config
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from .kv_cache import KVCache
 from .sampler import SamplerConfig
 
@@ -41,10 +42,6 @@ __all__ = [
     "trained_block_size",
     "block_size_warning",
 ]
-
-
-class CheckpointError(UserError, FileNotFoundError):
-    """A checkpoint path is missing or lacks what generation needs."""
 
 
 @dataclass
