@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 
 from ..arg_types import int_range
 from ..errors import reraise_disk_full
@@ -85,10 +84,9 @@ def _is_model_key(key: str) -> bool:
 
 
 def _model_config(path: Path) -> Optional[dict]:
-    f = path / CONFIG_FILE
-    if not f.is_file():
+    data = ckpt.read_saved_config(path)
+    if data is None:
         return None
-    data = yaml.safe_load(f.read_text()) or {}
     model = data.get("model") or {}
     return {k: v for k, v in model.items() if k not in RUNTIME_MODEL_FIELDS}
 

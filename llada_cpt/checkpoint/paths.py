@@ -14,7 +14,8 @@ from typing import Optional
 from ..errors import UserError
 
 __all__ = ["CheckpointError", "LATEST", "MEGATRON_CONFIG", "COMMON_FILE", "DCP_METADATA", "CONFIG_FILE", "METRICS_FILE",
-           "EMBEDDING_KEY", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics", "resolve_checkpoint"]
+           "EMBEDDING_KEY", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "read_metrics",
+           "read_saved_config", "resolve_checkpoint"]
 
 # The names of a run directory and of one checkpoint, defined once for every reader and writer.
 LATEST = "latest"  # the run directory's pointer to its newest complete checkpoint
@@ -62,6 +63,20 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
 def read_metrics(path: str | Path) -> dict:
     f = Path(path) / METRICS_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def read_saved_config(path: str | Path) -> Optional[dict]:
+    """The ``config.yaml`` saved with a checkpoint, as plain data (``{}`` if empty); None when it has none.
+
+    The one reader of a checkpoint's saved config for merge, conversion, vocabulary checks and ``init_from``
+    (typed :class:`~llada_cpt.config.schema.Config` readers build on it)."""
+    import yaml  # (only the readers of a saved config pay for it)
+
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        return None
+    data = yaml.safe_load(f.read_text())
+    return data if isinstance(data, dict) else {}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from ..checkpoint.io import stored_embedding
-from ..checkpoint.paths import EMBEDDING_KEY, CheckpointError
+from ..checkpoint.paths import EMBEDDING_KEY, CheckpointError, read_saved_config
 from ..config.loader import config_from_dict
 from ..config.schema import Config, ParallelConfig
 from ..errors import reraise_disk_full
@@ -89,11 +88,11 @@ def _export_tokenizer(cfg: Config, checkpoint: Path, template_dir: Optional[Path
 
 
 def _load_config(checkpoint: Path) -> Config:
-    f = checkpoint / "config.yaml"
-    if not f.is_file():
+    data = read_saved_config(checkpoint)
+    if data is None:
         raise ConvertInputMissing(f"`{checkpoint}` has no config.yaml; only checkpoints written by llada-cpt "
                                   "(train, convert import, merge) can be exported")
-    return config_from_dict(yaml.safe_load(f.read_text()) or {})
+    return config_from_dict(data)
 
 
 def plan_export(

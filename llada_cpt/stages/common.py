@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from ..config.schema import Config, ModelConfig, PostTrainDataConfig
 from ..errors import ConfigError, DataError
@@ -59,14 +58,12 @@ class InitCheckpoint:
     def resolve(cls, init_from: Optional[str]) -> Optional["InitCheckpoint"]:
         if not init_from:
             return None
-        from ..training.checkpoint import read_metrics, resolve_checkpoint
+        from ..checkpoint.paths import read_metrics, read_saved_config, resolve_checkpoint
 
         path = resolve_checkpoint(init_from)
-        cfg_file = path / "config.yaml"
-        config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
         metrics = read_metrics(path)
         consumed = metrics.get("consumed_tokens")
-        return cls(path, config if isinstance(config, dict) else None, int(metrics.get("iteration", 0)),
+        return cls(path, read_saved_config(path) or None, int(metrics.get("iteration", 0)),
                    None if consumed is None else int(consumed))
 
     def section(self, name: str) -> dict:

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..checkpoint import selection
 from ..checkpoint.io import stored_embedding
 from ..checkpoint.paths import (LATEST, checkpoint_name, latest_checkpoint,  # noqa: F401
-                                list_checkpoints, read_metrics, resolve_checkpoint)
+                                list_checkpoints, read_metrics, read_saved_config, resolve_checkpoint)
 from ..checkpoint.verify import damaged, require_complete
 from ..config.loader import dump_config
 from ..errors import UserError, reraise_disk_full
@@ -225,17 +225,12 @@ def check_vocab(path: str | Path, vocab_size: int) -> None:
     """
     import math
 
-    import yaml
-
     require_complete(path)
     tensor = stored_embedding(path)
     if tensor is None:  # not a GPT checkpoint of ours (nothing to compare)
         return
     rows = int(tensor.shape[0])
-    saved = {}
-    cfg_file = Path(path) / "config.yaml"
-    if cfg_file.is_file():
-        saved = yaml.safe_load(cfg_file.read_text()) or {}
+    saved = read_saved_config(path) or {}
     model, parallel = saved.get("model") or {}, saved.get("parallel") or {}
     multiple = int(model.get("make_vocab_size_divisible_by") or 128) * int(parallel.get("tensor_model_parallel_size") or 1)
     expected = int(math.ceil(vocab_size / multiple) * multiple)
