@@ -59,7 +59,6 @@ def test_verify_a_complete_run(run_dir, tmp_path):
 DAMAGE = {
     "truncated shard": (lambda d: _truncate(d / SHARD), f"file {SHARD}: unexpected end of data (1000 of "),
     "missing shard": (lambda d: (d / SHARD).unlink(), f"file {SHARD} is missing"),
-    "longer shard": (lambda d: open(d / SHARD, "ab").write(b"x"), f"file {SHARD} has "),
     "missing DCP metadata": (lambda d: (d / ".metadata").unlink(), ".metadata is missing"),
     "garbage DCP metadata": (lambda d: (d / ".metadata").write_bytes(b"\x80\x04garbage"), ".metadata cannot be read"),
     "missing RNG file": (lambda d: (d / "rng" / "rank_00001.pt").unlink(), "rng/rank_00001.pt is missing (1 of 2"),
@@ -82,6 +81,33 @@ def test_verify_names_each_kind_of_damage(copy, kind):
     assert verify_checkpoint(copy / "iter_0000002").ok
     report = verify_run(copy)
     assert not report.ok and f"{copy / 'latest'}: names iter_0000004, which is CORRUPT" in report.lines()
+
+
+def test_a_shard_longer_than_its_metadata_is_not_damage(copy):
+    """A writer may pad or append a trailer after the items it lists; only a short file is truncation."""
+    from llada_cpt.checkpoint.verify import verify_checkpoint
+
+    with open(copy / "iter_0000004" / SHARD, "ab") as f:
+        f.write(b"\0" * 4096)
+    assert verify_checkpoint(copy / "iter_0000004").ok
+
+
+def test_require_complete_verifies_once_per_process(copy, monkeypatch):
+    """A resume verifies in the loop, check_vocab and load_checkpoint: the files are read once per rank."""
+    from llada_cpt.checkpoint import verify
+
+    calls = []
+    real = verify.verify_checkpoint
+    monkeypatch.setattr(verify, "verify_checkpoint", lambda p, **kw: calls.append(p) or real(p, **kw))
+    monkeypatch.setattr(verify, "_VERIFIED", set())
+    for _ in range(3):
+        verify.require_complete(copy / "iter_0000004", resume=True)
+    assert len(calls) == 1
+    _truncate(copy / "iter_0000002" / SHARD)  # a failed verification is not remembered
+    for _ in range(2):
+        with pytest.raises(verify.CheckpointError, match="unexpected end of data"):
+            verify.require_complete(copy / "iter_0000002", resume=True)
+    assert len(calls) == 3
 
 
 def test_verify_command_exit_codes(copy, tmp_path):

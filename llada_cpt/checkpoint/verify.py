@@ -91,8 +91,7 @@ def _storage_problems(path: Path, verdict: Verdict) -> None:
         size = f.stat().st_size
         if size < ends[name]:
             verdict.problems.append(f"file {name}: unexpected end of data ({size} of {ends[name]} bytes)")
-        elif size > ends[name]:
-            verdict.problems.append(f"file {name} has {size} bytes, its metadata expects {ends[name]}")
+        # a longer file is not damage: a writer may pad or append a trailer after the items it lists
     keys = list(metadata.state_dict_metadata)
     if any(not k.startswith("optimizer.") for k in keys):
         verdict.parts.append("model")
@@ -224,12 +223,18 @@ def _way_out(path: Path) -> str:
             f"`{good.name}` into {root / LATEST}")
 
 
+_VERIFIED: set = set()  # (checkpoint, resume) verified by this process; checkpoints are never rewritten in place
+
+
 def require_complete(path: str | Path, resume: bool = False) -> None:
     """Raise :class:`CheckpointError` naming ``path``, the first problem and what to do.
 
     ``resume``: the optimizer state and RNG files must be there too.
     """
     path = Path(path)
+    key = (str(path.resolve()), resume)
+    if key in _VERIFIED:  # a resume checks once per process, not again in check_vocab and load_checkpoint
+        return
     verdict = verify_checkpoint(path)
     if verdict.ok and resume and not verdict.resumable:
         verdict.problems.append("it holds weights only (no optimizer state or RNG files), so training cannot "
@@ -238,6 +243,7 @@ def require_complete(path: str | Path, resume: bool = False) -> None:
     if not verdict.ok:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({verdict.problems[0]}); "
                                      + _way_out(path))
+    _VERIFIED.add(key)
 
 
 def _innermost(err: BaseException) -> str:
