@@ -1,6 +1,11 @@
 """User-facing errors: one line that names the problem and the fix."""
 from __future__ import annotations
 
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, paths); printed without a traceback."""
@@ -60,3 +65,19 @@ def reraise_disk_full(err: BaseException, doing: str, fix: str) -> None:
     reason = None if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)) else find_disk_full(err)
     if reason is not None:
         raise DiskFullError(f"disk full while {doing} ({reason}); {fix}") from err
+
+
+@contextmanager
+def partial_output(partial: Union[str, Path], out: Union[str, Path], doing: str, again: str) -> Iterator[None]:
+    """Remove the partial output folder ``partial`` on any error; a full disk becomes one line.
+
+    Why: merge, convert import and convert export all publish a folder by renaming it into place,
+    and must leave nothing behind and say the same thing when the disk fills up.
+    """
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        reraise_disk_full(err, doing, f"removed the partial output, nothing was written to {out}; free space and "
+                                      f"run {again} again")
+        raise

@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..arg_types import int_range
-from ..errors import reraise_disk_full
+from ..errors import partial_output
 from . import paths as ckpt
 from .paths import CONFIG_FILE, METRICS_FILE
 from .io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes, write_order,
@@ -320,31 +320,26 @@ def merge_checkpoints(selection: Selection, out: str | Path, progress: bool = Tr
     torch.set_num_threads(1)
     averager = None
     try:
-        target = tmp / name
-        target.mkdir(parents=True)
-        common = {k: v for k, v in plan.inputs[0].common().items() if k.startswith("model")}
-        objects = {k: plan.inputs[0].read_object(k) for k in plan.objects}
-        with _progress_bar(plan.input_bytes, progress) as bar:
-            averager = _Averager(plan, selection.weights, bar, threads)
-            write_torch_dist(target, plan.tensors, averager, objects, common)
-        if progress:
-            print(f"merge: {averager.direct} regions read directly from the files, {averager.through_dcp} "
-                  "through torch.distributed.checkpoint", file=sys.stderr)
-        config = selection.chosen[0].path / CONFIG_FILE
-        if config.is_file():
-            shutil.copyfile(config, target / CONFIG_FILE)
-        (target / METRICS_FILE).write_text(json.dumps(_merge_metrics(selection, plan, iteration), indent=2))
-        (tmp / ckpt.LATEST).write_text(name + "\n")
-        fsync_tree(tmp)
-        if out.exists():  # appeared while we were writing
-            raise MergeError(f"output `{out}` appeared during the merge; nothing was written to it")
-        os.rename(tmp, out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reraise_disk_full(err, f"writing the merged checkpoint in {out.parent}",
-                          f"removed the partial output, nothing was written to {out}; free space and run the "
-                          "merge again")
-        raise
+        with partial_output(tmp, out, f"writing the merged checkpoint in {out.parent}", "the merge"):
+            target = tmp / name
+            target.mkdir(parents=True)
+            common = {k: v for k, v in plan.inputs[0].common().items() if k.startswith("model")}
+            objects = {k: plan.inputs[0].read_object(k) for k in plan.objects}
+            with _progress_bar(plan.input_bytes, progress) as bar:
+                averager = _Averager(plan, selection.weights, bar, threads)
+                write_torch_dist(target, plan.tensors, averager, objects, common)
+            if progress:
+                print(f"merge: {averager.direct} regions read directly from the files, {averager.through_dcp} "
+                      "through torch.distributed.checkpoint", file=sys.stderr)
+            config = selection.chosen[0].path / CONFIG_FILE
+            if config.is_file():
+                shutil.copyfile(config, target / CONFIG_FILE)
+            (target / METRICS_FILE).write_text(json.dumps(_merge_metrics(selection, plan, iteration), indent=2))
+            (tmp / ckpt.LATEST).write_text(name + "\n")
+            fsync_tree(tmp)
+            if out.exists():  # appeared while we were writing
+                raise MergeError(f"output `{out}` appeared during the merge; nothing was written to it")
+            os.rename(tmp, out)
     finally:
         torch.set_num_threads(intra_op)
         if averager is not None:

@@ -28,7 +28,7 @@ from ..checkpoint.io import stored_embedding
 from ..checkpoint.paths import EMBEDDING_KEY, CheckpointError, read_saved_config
 from ..config.loader import config_from_dict
 from ..config.schema import Config, ParallelConfig
-from ..errors import reraise_disk_full
+from ..errors import partial_output
 from .errors import ConvertError, ConvertInputMissing
 from .hf_import import TEMPLATE_DIR, TOKENIZER_DIR, check_output_path, ensure_layout, publish_permissions
 from .mapping import Architecture, canonical_name, hf_config_from_model, hf_tensor_names, model_slots, to_hf
@@ -152,7 +152,7 @@ def export_hf(plan: ExportPlan, seed: int = 1234) -> Path:
     load_checkpoint(plan.checkpoint, [model], restore_rng=False)
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{plan.out.name}.tmp-", dir=plan.out.parent))
-    try:
+    with partial_output(tmp, plan.out, f"writing the Hugging Face model in {plan.out.parent}", "the export"):
         _write_weights(model, plan, tmp)
         (tmp / "config.json").write_text(json.dumps(plan.hf_config, indent=2, sort_keys=True) + "\n")
         if plan.template_dir is not None and (plan.template_dir / "generation_config.json").is_file():
@@ -166,12 +166,6 @@ def export_hf(plan: ExportPlan, seed: int = 1234) -> Path:
             raise ConvertError(f"output `{plan.out}` appeared during the export; nothing was overwritten")
         publish_permissions(tmp)
         os.replace(tmp, plan.out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reraise_disk_full(err, f"writing the Hugging Face model in {plan.out.parent}",
-                          f"removed the partial output, nothing was written to {plan.out}; free space and run "
-                          "the export again")
-        raise
     return plan.out
 
 

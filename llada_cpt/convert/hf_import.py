@@ -43,7 +43,7 @@ import torch
 
 from ..config.choices import field_choices
 from ..config.schema import Config, DataConfig, DiffusionConfig, ModelConfig, ParallelConfig, TrainConfig
-from ..errors import reraise_disk_full
+from ..errors import partial_output
 from .errors import ConvertError
 from .mapping import (Architecture, canonical_name, hf_tensor_names, is_expert_param, model_config_from_hf,
                       model_slots, to_megatron, tp_shard)
@@ -271,7 +271,8 @@ def import_hf(plan: ImportPlan, seed: int = 1234) -> Path:
     ensure_layout(plan.parallel, seed=seed)
     rank = dist.get_rank()
     tmp = _make_tmp_dir(plan.out)
-    try:
+    # any rank removes the partial output: one that failed alone may be the only one left
+    with partial_output(tmp, plan.out, f"writing the converted checkpoint in {plan.out.parent}", "the conversion"):
         if rank == 0:
             if plan.tokenizer is not None:
                 write_tokenizer(plan.tokenizer, tmp / TOKENIZER_DIR)
@@ -291,11 +292,5 @@ def import_hf(plan: ImportPlan, seed: int = 1234) -> Path:
             publish_permissions(tmp)
             os.replace(tmp, plan.out)
         dist.barrier()
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # (any rank: one that failed alone may be the only one left)
-        reraise_disk_full(err, f"writing the converted checkpoint in {plan.out.parent}",
-                          f"removed the partial output, nothing was written to {plan.out}; free space and run "
-                          "the conversion again")
-        raise
     return plan.out
 
