@@ -114,7 +114,7 @@ CASES = [
     # --- numeric ranges (issue 19): config fields are validated before any rank starts, options at parsing;
     #     0 is a value, never "not given"
     Case("negative learning rate", lambda t, d, s: train(t, "--nproc", "2", "train.lr=-1e-3"), "train",
-         ("train.lr=-0.001 is out of range", "must be > 0")),
+         ("train.lr=-0.001 is out of range", "must be >= 0")),
     Case("--nproc 0", lambda t, d, s: train(t, "--nproc", "0"), "train", ("argument --nproc", "must be >= 1, got 0")),
     Case("min_lr above lr", lambda t, d, s: train(t, "train.lr=1e-4", "train.min_lr=1e-3"), "train",
          ("train.min_lr=0.001 is above train.lr=0.0001",)),
