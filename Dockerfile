@@ -9,5 +9,5 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 OMP_NUM_THRE
 WORKDIR /workspace/llada-cpt
 COPY . .
 # Keep the image's torch / TE / apex: install our package and its GPU-side extras only.
-RUN python -m pip install --no-build-isolation -e ".[gpu,hf,rl]"
+RUN python -m pip install --no-build-isolation -e ".[gpu,hf,rl,eval]"
 CMD ["llada-cpt", "--help"]
