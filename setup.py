@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.17,<0.18"],  # ruff: the lint step of scripts/test.sh
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4"],
     "rl": ["math-verify>=0.7,<1"],
     "gpu": ["nvidia-cudnn-frontend>=1.5"],

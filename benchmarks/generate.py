@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         "# Block-diffusion sampler: TPF, speed, KV cache",
         "",
         generated_by(meta, "benchmarks/generate.py", ("megatron-core",), meta["dtype"])
-        + f" (times on a shared CPU are noisy: each is the fastest of {args.repeats} identical runs; TPF is not a time).",
+        + f" (times on a shared CPU are noisy: each is the fastest of {args.repeats} identical runs; "
+        "TPF is not a time).",
         "",
         f"Model: {meta['checkpoint']}, trained block size {meta['trained_block_size']}. {args.prompts} prompts decoded "
         f"as one batch, {args.max_new_tokens} new tokens each, greedy. TPF = generated tokens / decoding steps per "

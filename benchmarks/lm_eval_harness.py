@@ -118,7 +118,8 @@ def _spread(lm, reqs, draws: int) -> dict:
         training.append((statistics.mean(theirs), statistics.stdev(theirs)))
     return {"ours_std": statistics.median(s for _, s, _ in ours),
             "training_std": statistics.median(s for _, s in training),
-            "ours_mean": statistics.mean(m for m, _, _ in ours), "training_mean": statistics.mean(m for m, _ in training),
+            "ours_mean": statistics.mean(m for m, _, _ in ours),
+            "training_mean": statistics.mean(m for m, _ in training),
             "continuation_tokens": statistics.mean(n for _, _, n in ours), "requests": len(reqs), "draws": draws}
 
 
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     print(f"one-draw ELBO std per request (median): ours {spread['ours_std']:.3f}, training noise "
           f"{spread['training_std']:.3f}", flush=True)
 
-    meta = {**environment("cpu", packages=("megatron-core", "lm_eval", "transformers")), "max_rel_diff_ar_vs_hf": max_diff}
+    meta = {**environment("cpu", packages=("megatron-core", "lm_eval", "transformers")),
+            "max_rel_diff_ar_vs_hf": max_diff}
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows, "spread": spread}, indent=2))
     md = [
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
         generated_by(meta, "benchmarks/lm_eval_harness.py", ("megatron-core", "lm_eval", "transformers"), "float32")
         + f" (shared CPU: each rate is the best of {args.repeats} runs).",
         "",
-        "Model: random-weight Llama of the `tiny` preset's shape (4 layers, hidden 128, 1000-word vocabulary, weights N(0, 0.08^2)) in "
+        "Model: random-weight Llama of the `tiny` preset's shape (4 layers, hidden 128, 1000-word vocabulary, "
+        "weights N(0, 0.08^2)) in "
         "Hugging Face format for `hf`, imported with `llada-cpt convert import` for `llada_cpt`. Same requests, "
         f"batch size 8: {args.requests} loglikelihood requests (24-word context, 2-4 word continuation), "
         f"{args.gen_requests} generation requests (24-word prompt, {args.max_gen_toks} new tokens, greedy, no stop "

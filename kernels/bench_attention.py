@@ -50,12 +50,11 @@ if str(ROOT) not in sys.path:
 
 from llada_cpt.benchmarking import environment, status_cell, unavailable_notes, write_atomic  # noqa: E402
 from llada_cpt.diffusion.layout import AttentionLayout  # noqa: E402
-from llada_cpt.parallel.work import random_document_ids  # noqa: E402
-
 from llada_cpt.kernels import bias as kbias  # noqa: E402
 from llada_cpt.kernels import registry  # noqa: E402
 from llada_cpt.kernels.tiles import tile_occupancy  # noqa: E402
 from llada_cpt.kernels.unfused import unfused_attention  # noqa: E402
+from llada_cpt.parallel.work import random_document_ids  # noqa: E402
 
 MEMORY_TARGET = 0.10  # fused attention memory / unfused, at the largest L
 SPEED_TARGET = 1.25  # best fused fwd+bwd / (dense fused x non-empty tile fraction)
@@ -338,7 +337,8 @@ def run_cp_ranks(case_index: int, layout: AttentionLayout, fn: Callable, args, d
         print(f"  {name}: {res.status} " + (f"{res.ms:.2f} ms" if res.ms is not None else ""), flush=True)
     times = [r.ms for r in results if r.ms is not None]
     if len(times) == args.cp_size:
-        print(f"  cp{args.cp_size} per-rank flex {results[0].mode}: max / mean = {max(times) / (sum(times) / len(times)):.3f}")
+        imbalance = max(times) / (sum(times) / len(times))
+        print(f"  cp{args.cp_size} per-rank flex {results[0].mode}: max / mean = {imbalance:.3f}")
     return results
 
 
@@ -402,7 +402,8 @@ def check_targets(cases: list[Case], results: list[Result], args) -> list[dict]:
                     detail = f"{r.peak_mib:.0f} / {ref_mib:.0f} MiB = {ratio:.1%} ({ref_note})"
                 verdicts.append(dict(target=f"memory {name} <= {MEMORY_TARGET:.0%} of unfused", case=label,
                                      verdict=verdict, detail=detail))
-        fused = [rows[n] for n in ("flex", "cudnn", "te") if n in rows and rows[n].ms is not None and rows[n].mode == "fwd+bwd"]
+        fused = [rows[n] for n in ("flex", "cudnn", "te")
+                 if n in rows and rows[n].ms is not None and rows[n].mode == "fwd+bwd"]
         if not fused or case.dense_ms is None:
             verdicts.append(dict(target=f"speed best fused <= {SPEED_TARGET}x dense x tile fraction", case=label,
                                  verdict="n/a", detail="no fused fwd+bwd timing on this device"))
@@ -412,7 +413,8 @@ def check_targets(cases: list[Case], results: list[Result], args) -> list[dict]:
         verdicts.append(dict(
             target=f"speed best fused <= {SPEED_TARGET}x dense x tile fraction", case=label,
             verdict="PASS" if best.ms <= budget else "FAIL",
-            detail=f"{best.backend} {best.ms:.2f} ms vs {SPEED_TARGET} x {case.dense_ms:.2f} x {case.tile_fraction:.3f} = {budget:.2f} ms",
+            detail=f"{best.backend} {best.ms:.2f} ms vs {SPEED_TARGET} x {case.dense_ms:.2f} "
+                   f"x {case.tile_fraction:.3f} = {budget:.2f} ms",
         ))
     return verdicts
 
@@ -444,7 +446,8 @@ def markdown(env: dict, args, cases: list[Case], results: list[Result], verdicts
         "inputs. Dense: SDPA without a mask on the same shape. Tiles: non-empty fraction of "
         f"{args.tile}x{args.tile} tiles.",
         "",
-        "| L | B | docs | Sq x Sk | tiles | dense ms | backend | mode | fwd+bwd ms | x dense | peak MiB | mask build ms | new layout ms | status |",
+        "| L | B | docs | Sq x Sk | tiles | dense ms | backend | mode | fwd+bwd ms | x dense | peak MiB "
+        "| mask build ms | new layout ms | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = {}
@@ -453,7 +456,8 @@ def markdown(env: dict, args, cases: list[Case], results: list[Result], verdicts
         status = status_cell(r.backend, r.status, notes)
         ratio = r.ms / c.dense_ms if (r.ms is not None and c.dense_ms) else None
         lines.append(
-            f"| {c.seq_length} | {c.block} | {c.docs} | {c.sq}x{c.sk} | {c.tile_fraction:.3f} | {_fmt(c.dense_ms, '.2f')} "
+            f"| {c.seq_length} | {c.block} | {c.docs} | {c.sq}x{c.sk} | {c.tile_fraction:.3f} "
+            f"| {_fmt(c.dense_ms, '.2f')} "
             f"| {r.backend} | {r.mode} | {_fmt(r.ms, '.2f')} | {_fmt(ratio, '.2f')} | {_fmt(r.peak_mib, '.0f')} "
             f"| {_fmt(r.mask_build_ms, '.1f')} | {_fmt(r.new_layout_ms, '.1f')} | {status} |"
         )
@@ -539,7 +543,8 @@ def main(argv=None) -> int:
                 print(f"L={seq_length} B={block} docs={docs}: {sq}x{sk}, non-empty tiles {fraction:.3f}", flush=True)
                 results += run_case(len(cases) - 1, case, layout, backends, args, device, dtype)
                 flex_fn, flex_reason = backends.get("flex", (None, "not selected"))
-                if args.cp_size and flex_fn is not None and (flex_reason is None or _forward_only_ok("flex", flex_reason, device)):
+                flex_runs = flex_reason is None or _forward_only_ok("flex", flex_reason, device)
+                if args.cp_size and flex_fn is not None and flex_runs:
                     results += run_cp_ranks(len(cases) - 1, layout, flex_fn, args, device, dtype, flex_reason is None)
                 _write(args, env, cases, results, partial=True)  # a time limit still leaves what was measured
     verdicts = _write(args, env, cases, results, partial=False)

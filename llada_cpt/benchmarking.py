@@ -18,8 +18,8 @@ import torch
 
 from .files import write_atomic
 
-__all__ = ["generated_by", "write_atomic", "cpu_model", "device_name", "utc_timestamp", "package_versions", "environment",
-           "status_cell", "unavailable_notes"]
+__all__ = ["generated_by", "write_atomic", "cpu_model", "device_name", "utc_timestamp", "package_versions",
+           "environment", "status_cell", "unavailable_notes"]
 
 UNAVAILABLE = "unavailable: "
 

@@ -116,7 +116,8 @@ def test_verify_command_exit_codes(copy, tmp_path):
     proc = run(cli("checkpoint", "verify", str(copy), str(copy / "iter_0000004")), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert any(ln.startswith(f"{copy / 'iter_0000002'}: CORRUPT - file {SHARD}: unexpected end of data") for ln in lines)
+    corrupt = f"{copy / 'iter_0000002'}: CORRUPT - file {SHARD}: unexpected end of data"
+    assert any(ln.startswith(corrupt) for ln in lines)
     assert f"{copy / 'iter_0000006.tmp'}: partial save, ignored (safe to delete)" in lines
     assert f"{copy / 'latest'}: iter_0000004 (complete)" in lines
     assert lines.count(f"{copy / 'iter_0000004'}: ok (model, optimizer, metrics, config, rng x2; resumable)") == 2

@@ -35,13 +35,15 @@ def test_dump_round_trip():
     (["model.attention_backend=flx"], "model.attention_backend `flx` is not one of reference, flex, cudnn, te, "
                                       "auto. Did you mean `flex`\\?$"),
     (["stage=sf"], "stage `sf` is not one of cpt, sft, dpo, rl. Did you mean `sft`"),
-    (["model.rope_scaling=lama3"], "model.rope_scaling `lama3` is not one of llama3 \\(or null\\). Did you mean `llama3`"),
+    (["model.rope_scaling=lama3"], "model.rope_scaling `lama3` is not one of llama3 \\(or null\\). "
+                                   "Did you mean `llama3`"),
     (["train.precision=on"], "train.precision `True` is not one of auto, fp32, bf16. \\(YAML reads on/off"),
     (["sft.chat_template=chatlm"], "sft.chat_template `chatlm` is not one of auto, tokenizer, plain, chatml, raw. "
                                    "Did you mean `chatml`"),
 ])
 def test_load_errors(override, msg):
-    with pytest.raises(ConfigError, match=msg if "is not one of" in msg else msg.replace("[", "\\[").replace("(", "\\(")):
+    pattern = msg if "is not one of" in msg else msg.replace("[", "\\[").replace("(", "\\(")
+    with pytest.raises(ConfigError, match=pattern):
         load_config(None, override)
 
 
@@ -51,12 +53,16 @@ def test_missing_file():
 
 
 @pytest.mark.parametrize("override,world,msg", [
-    (["data.seq_length=100", "diffusion.block_schedule=[[32, 1]]"], None, "block size 32 does not divide data.seq_length=100"),
-    (["parallel.tensor_model_parallel_size=3"], None, "num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
-    (["parallel.pipeline_model_parallel_size=3"], None, "num_layers=4 is not divisible by parallel.pipeline_model_parallel_size=3"),
+    (["data.seq_length=100", "diffusion.block_schedule=[[32, 1]]"], None,
+     "block size 32 does not divide data.seq_length=100"),
+    (["parallel.tensor_model_parallel_size=3"], None,
+     "num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
+    (["parallel.pipeline_model_parallel_size=3"], None,
+     "num_layers=4 is not divisible by parallel.pipeline_model_parallel_size=3"),
     (["parallel.tensor_model_parallel_size=2"], 3, "3 processes cannot be split"),
     (["train.global_batch_size=3"], 2, "global_batch_size=3 is not divisible"),
-    (["parallel.context_parallel_size=2", "data.seq_length=6", "diffusion.block_schedule=[[2, 1]]"], None, "divisible by 2 \\* context_parallel_size"),
+    (["parallel.context_parallel_size=2", "data.seq_length=6", "diffusion.block_schedule=[[2, 1]]"], None,
+     "divisible by 2 \\* context_parallel_size"),
     (["parallel.expert_model_parallel_size=2"], None, "needs an MoE model"),
 ])
 def test_validation_errors(override, world, msg):

@@ -137,19 +137,19 @@ def test_row_seeded_noise_is_independent_of_batch_split_and_cp_slice():
     expect = whole[:, 1][torch.tensor([0, 1, 6, 7, 8, 9, 14, 15])]
     assert torch.equal(layout_noise(local, 5, 6, torch.device("cpu"))[:, 0], expect)
     # another step draws other noise
-    assert not torch.equal(layout_noise(alone, 6, 6, torch.device("cpu")), layout_noise(alone, 5, 6, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    assert not torch.equal(layout_noise(alone, 6, 6, cpu), layout_noise(alone, 5, 6, cpu))
 
 
 def _noise_free_eval_and_sampling(rank: int, world: int) -> dict:
     """A real SFT run at step 0 with strong masked-embedding noise: the training forward is noised, the
     validation loss and the sampler's tokens and log-probs are those of the noise-free model."""
-    from stage_runs import small_config
-
+    from llada_cpt.data.tokenizer import resolve_tokenizer
     from llada_cpt.inference.generation import generate
     from llada_cpt.inference.sampler import SamplerConfig
-    from llada_cpt.data.tokenizer import resolve_tokenizer
     from llada_cpt.stages.sft import SFTStage
     from llada_cpt.training.loop import build_run, evaluate, run_step
+    from stage_runs import small_config
 
     cfg = small_config("sft", "diffusion.embedding_noise_steps=10", "diffusion.embedding_noise_std=1.0")
     stage = SFTStage(cfg)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_script, random_doc_ids
-from llada_cpt.kernels.reference import reference_attention
 from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.errors import ConfigError
+from llada_cpt.kernels.reference import reference_attention
 from llada_cpt.parallel.context import zigzag_positions
 
 flex = pytest.importorskip("llada_cpt.kernels.flex")
@@ -546,7 +546,8 @@ def test_bench_target_verdicts():
         Result(1, "flex", "fwd+bwd", "ok", ms=40.0, peak_mib=100.0),  # 40 > 1.25 * 30
         Result(1, "cudnn", "-", "unavailable: no GPU"),
     ]
-    verdicts = {(v["case"], v["target"].split()[0], v["target"].split()[1]): v for v in check_targets(cases, results, args)}
+    verdicts = {(v["case"], v["target"].split()[0], v["target"].split()[1]): v
+                for v in check_targets(cases, results, args)}
     one, two = "L=8192 B=32 docs=packed", "L=8192 B=L docs=one"
     assert verdicts[(one, "memory", "flex")]["verdict"] == "PASS"
     assert verdicts[(one, "memory", "cudnn")]["verdict"] == "FAIL"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import random_doc_ids
-from llada_cpt.kernels.reference import reference_attention
 from llada_cpt.diffusion.layout import AttentionLayout
+from llada_cpt.kernels.reference import reference_attention
 from llada_cpt.parallel.context import zigzag_positions
 
 pytestmark = [

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from conftest import random_doc_ids
 from llada_cpt.diffusion.layout import AttentionLayout
 from llada_cpt.diffusion.masks import block_diffusion_mask, block_index, document_mask, document_positions
-from conftest import random_doc_ids
 
 
 def naive_mask(doc, B):

@@ -90,7 +90,8 @@ def _check_per_token_loss(model):
         loss = model(batch.input_ids, batch.position_ids, attention_mask=batch.layout, labels=batch.labels)
         logits = model(batch.input_ids, batch.position_ids, attention_mask=batch.layout)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
-    return {"shape": tuple(loss.shape), "want": tuple(batch.input_ids.shape), "diff": float((ce.view_as(loss) - loss).abs().max())}
+    return {"shape": tuple(loss.shape), "want": tuple(batch.input_ids.shape),
+            "diff": float((ce.view_as(loss) - loss).abs().max())}
 
 
 def _check_head_on_noised_half(model):

@@ -18,8 +18,8 @@ import tempfile
 import pytest
 
 from dist import run_distributed
-from llada_cpt.config.schema import ModelConfig
 from llada_cpt.config.presets import preset_dict
+from llada_cpt.config.schema import ModelConfig
 from test_context_parallel import DOC_IDS, L, run_layouts
 from test_parallel_equivalence import TOL, _assert_same_grads
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from conftest import random_doc_ids
 from llada_cpt.diffusion.inputs import DiffusionBatch, build_diffusion_batch, noised_half
 from llada_cpt.diffusion.loss import elbo_weights, normalised_loss, weighted_loss_terms
 from llada_cpt.diffusion.masks import block_index, document_positions
 from llada_cpt.diffusion.noise import NoiseConfig, complementary_mask, sample_mask, sample_timesteps
-from conftest import random_doc_ids
 
 MASK = 99
 

@@ -13,8 +13,6 @@ on CPU here (torch has a CPU fused AdamW); on GPU it is the default.
 """
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 

@@ -57,7 +57,8 @@ def _micro_batches(rows, mbs: int):
     for i in range(0, len(rows), mbs):
         r = list(rows[i : i + mbs])
         x0 = full.labels[r, :L]
-        out.append(build_diffusion_batch(x0, full.layout.doc_ids[r], BLOCK, MASK_ID, masked=full.masked[r], t=full.t[r]))
+        out.append(build_diffusion_batch(x0, full.layout.doc_ids[r], BLOCK, MASK_ID,
+                                         masked=full.masked[r], t=full.t[r]))
     return out
 
 
@@ -136,10 +137,12 @@ def _two_ranks(rank: int, world: int, out: str) -> dict:
         _save(model, f"{out}/grads_{name}", grads=True)
         results[name] = {"loss": res.loss, "count": res.num_eligible, "grads": _plain(f"{out}/grads_{name}")}
     # the distributed optimizer's reduce-scatter path of DDP, on gloo
-    moe, moe_ddp = _setup(ParallelConfig(expert_model_parallel_size=2, use_distributed_optimizer=True), MOE, f"{out}/moe_weights")
+    moe, moe_ddp = _setup(ParallelConfig(expert_model_parallel_size=2, use_distributed_optimizer=True), MOE,
+                          f"{out}/moe_weights")
     dp = parallel_state.get_data_parallel_rank()
     res = _step(moe_ddp, _micro_batches(range(2 * dp, 2 * dp + 2), 2))
-    results["moe_ep2"] = {"loss": res.loss, "aux": res.aux_losses, "local_experts": len(moe.decoder.layers[1].mlp.experts.local_experts)}
+    results["moe_ep2"] = {"loss": res.loss, "aux": res.aux_losses,
+                          "local_experts": len(moe.decoder.layers[1].mlp.experts.local_experts)}
     results["resume"] = _resume(out)
     results["tp_init"] = _fresh_init(ParallelConfig(tensor_model_parallel_size=2, **PLAIN_DDP))
     return results

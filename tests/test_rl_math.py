@@ -10,7 +10,6 @@ from llada_cpt.rl.dynamic_sampling import DynamicSamplingConfig, dynamic_sample,
 from llada_cpt.rl.ppo import PPOConfig, k3_kl, ppo_loss, token_entropy, token_logprobs
 from llada_cpt.rl.rewards import RewardConfig, RewardFunction, format_reward, speed_reward, tokens_per_step
 
-
 # --------------------------------------------------------------------------- advantages
 
 

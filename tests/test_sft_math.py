@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed
 
+from dist import run_distributed
 from llada_cpt.data.sft import Sample, collate_packed, pack_groups
 from llada_cpt.diffusion.cap import (
     cap_confidence_terms,

@@ -32,7 +32,8 @@ def test_config_validation_lists_the_choices():
     from llada_cpt.config.validation import validate
     from llada_cpt.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.transformer_impl `apex` is not one of auto, local, transformer_engine"):
+    with pytest.raises(ConfigError,
+                       match="model.transformer_impl `apex` is not one of auto, local, transformer_engine"):
         validate(load_config(None, ["data.demo=true", "model.vocab_size=128", "model.transformer_impl=apex"]))
 
 

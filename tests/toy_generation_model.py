@@ -60,5 +60,6 @@ def train_toy_model(root: Path, steps: int = 120, seq_length: int = 64,
     ]
     proc = run(cli(*args), cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"toy model training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"toy model training failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return run_dir

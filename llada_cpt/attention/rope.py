@@ -12,8 +12,8 @@ computes ``cos``/``sin`` once per layout (through a per-layout cache, in the
 activation dtype) and :func:`rotate_qk` applies them to q and k in one
 compiled kernel each on CUDA (``LLADA_ROPE_COMPILE=0`` turns that off), eagerly
 elsewhere.  ``LLADA_ROPE_CACHE=0`` recomputes the tables in every layer (both
-switches are read at every call, so a benchmark can compare in one process).  The compiled kernel computes in float32 and rounds once, so on
-CUDA it differs from the eager bf16 chain by rounding only.
+switches are read at every call, so a benchmark can compare in one process).  The compiled kernel computes in
+float32 and rounds once, so on CUDA it differs from the eager bf16 chain by rounding only.
 """
 from __future__ import annotations
 

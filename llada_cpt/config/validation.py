@@ -42,7 +42,8 @@ def _model_problems(cfg: Config) -> list[str]:
         out.append(f"parallel.expert_model_parallel_size={ep} needs an MoE model (model.num_experts)")
     if m.num_experts is not None:
         if m.num_experts % ep:
-            out.append(f"model.num_experts={m.num_experts} is not divisible by parallel.expert_model_parallel_size={ep}")
+            out.append(f"model.num_experts={m.num_experts} is not divisible by "
+                       f"parallel.expert_model_parallel_size={ep}")
         if not 1 <= m.moe_router_topk <= m.num_experts:
             out.append(f"model.moe_router_topk={m.moe_router_topk} must be in [1, num_experts={m.num_experts}]")
         if tp > 1 and not p.sequence_parallel:

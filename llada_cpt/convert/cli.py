@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--pp", type=int_range(1), default=1, help="pipeline-parallel size of the target run")
     imp.add_argument("--ep", type=int_range(1), default=1, help="expert-parallel size of the target run")
     imp.add_argument("--nproc", type=int_range(1), default=None, help="local ranks to launch (default TP x PP x EP)")
-    imp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    imp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     exp = sub.add_parser("export", help="llada-cpt checkpoint -> Hugging Face directory")
     exp.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or iter_* directory")
     exp.add_argument("--out", required=True, help="new Hugging Face directory to create")

@@ -30,7 +30,7 @@ import warnings
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, IO, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -276,7 +276,8 @@ def _build(
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
-        raise DataError(f"cannot create output directory {out_dir!r} ({err}); choose a writable --output-prefix") from err
+        raise DataError(f"cannot create output directory {out_dir!r} ({err}); "
+                        "choose a writable --output-prefix") from err
     dtype = idx_mod.DType.optimal_dtype(tokenizer.vocab_size)
     encoder = _Encoder(tokenizer, text_key, append_eod, dtype)
     summary = PreprocessSummary(output_prefix=output_prefix)

@@ -101,7 +101,8 @@ def iter_jsonl(paths: Sequence[str], bad: LineReport) -> Iterator[Tuple[str, dic
                 try:
                     line = f.readline()
                 except UnicodeDecodeError as e:
-                    bad.add(f"{path}:{lineno + 1}", f"not UTF-8 ({e.reason}); the rest of the file is skipped", "not UTF-8")
+                    bad.add(f"{path}:{lineno + 1}", f"not UTF-8 ({e.reason}); the rest of the file is skipped",
+                            "not UTF-8")
                     break
                 if not line:
                     break

@@ -216,7 +216,9 @@ class Denoiser(Protocol):
 
     device: torch.device
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_logits: int) -> torch.Tensor: ...
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_logits: int
+    ) -> torch.Tensor: ...
 
 
 # ------------------------------------------------------------------------- pure decisions

@@ -35,7 +35,7 @@ NAME = "cudnn"
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """Why cuDNN SDPA cannot run here (no CUDA, cuDNN < 9, GPU older than sm80), or None."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" or not torch.cuda.is_available():
         return (
             "the cudnn attention backend needs a CUDA GPU; "

@@ -96,7 +96,8 @@ class FlexOptions:
             raise ConfigError(f"LLADA_FLEX_BLOCK_MASK={builder!r}; use one of {', '.join(BLOCK_MASK_BUILDERS)}")
         backend = env.get("LLADA_FLEX_KERNEL_BACKEND") or None
         if backend is not None and backend.upper() not in KERNEL_BACKENDS:
-            raise ConfigError(f"LLADA_FLEX_KERNEL_BACKEND={backend!r}; use one of {', '.join(KERNEL_BACKENDS)} or unset it")
+            raise ConfigError(f"LLADA_FLEX_KERNEL_BACKEND={backend!r}; "
+                              f"use one of {', '.join(KERNEL_BACKENDS)} or unset it")
         return cls(tile=pair, block_mask=builder, compile_mode=env.get("LLADA_FLEX_COMPILE_MODE") or None,
                    kernel_backend=backend.upper() if backend else None)
 

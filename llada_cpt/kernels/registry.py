@@ -123,7 +123,9 @@ def resolve(name: str, registry: Optional[MutableMapping[str, Callable]] = None,
     return fn
 
 
-def register_backends(registry: MutableMapping[str, Callable], device: Optional[torch.device] = None) -> Dict[str, Callable]:
+def register_backends(
+    registry: MutableMapping[str, Callable], device: Optional[torch.device] = None
+) -> Dict[str, Callable]:
     """Add every fused backend that can train on ``device`` to ``registry``; returns those added."""
     added = {}
     for name in FUSED:

@@ -57,7 +57,7 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
             "'transformer_engine[pytorch]'), or run in the NGC PyTorch image (see Dockerfile), "
             "or pick another backend: model.attention_backend=flex, cudnn, reference or auto"
         )
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return "the te attention backend needs a CUDA GPU; use model.attention_backend=reference (or auto) on CPU"
     return None

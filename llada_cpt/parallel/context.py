@@ -414,7 +414,10 @@ def cp_partition(
     else:
         args = (doc_ids, block_size)
         kw = dict(tile=tile, partial_weight=partial_weight, causal=causal)
-        ours_max = int(loads.max()) if whole * q == L else int(rank_tile_cost(*args, _parts(owner, cp_size), **kw).max())
+        if whole * q == L:
+            ours_max = int(loads.max())
+        else:
+            ours_max = int(rank_tile_cost(*args, _parts(owner, cp_size), **kw).max())
         zigzag_max = int(rank_tile_cost(*args, _parts(zigzag, cp_size), **kw).max())
     if zigzag_max < ours_max:
         owner = zigzag

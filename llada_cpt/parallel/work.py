@@ -39,7 +39,15 @@ import torch
 from ..diffusion.inputs import is_mdlm
 from ..diffusion.layout import AttentionLayout
 from ..errors import ConfigError
-from ..kernels.tiles import ATTENTION_TILE, TileSize, key_intervals, layout_tile_counts, tile_counts, tile_pair, tile_states
+from ..kernels.tiles import (
+    ATTENTION_TILE,
+    TileSize,
+    key_intervals,
+    layout_tile_counts,
+    tile_counts,
+    tile_pair,
+    tile_states,
+)
 
 __all__ = [
     "TILE_COST_SCALE",
