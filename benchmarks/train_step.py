@@ -50,9 +50,8 @@ if str(ROOT) not in sys.path:
 from llada_cpt.benchmarking import environment, status_cell, unavailable_notes, write_atomic  # noqa: E402
 from llada_cpt.config.loader import load_config  # noqa: E402
 from llada_cpt.diffusion.inputs import build_diffusion_batch  # noqa: E402
-from llada_cpt.parallel.work import random_document_ids  # noqa: E402
-
 from llada_cpt.kernels import registry  # noqa: E402
+from llada_cpt.parallel.work import random_document_ids  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -160,7 +159,7 @@ def _set_backend(chunks, name: str) -> int:
 def _set_head(chunks, head: str) -> None:
     """``model.fused_cross_entropy`` on every chunk (``auto``: what the provider chose)."""
     from llada_cpt.kernels.linear_cross_entropy import use_fused_cross_entropy
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.model.wrappers import unwrap
 
     for chunk in chunks:
         model = unwrap(chunk)
@@ -295,7 +294,7 @@ def _ancestor_events(evt) -> list:
 def _scopes(chunks):
     """record_function ranges around core attention, norms and Megatron's cross entropy (forward)."""
     from llada_cpt.attention.core import BlockDiffusionAttention
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.model.wrappers import unwrap
 
     handles, stack = [], []
 
@@ -399,7 +398,8 @@ def run(args) -> tuple[dict, list[Row]]:
                 try:
                     _measure(args, row, chunks, optimizer, cfg, vocab, mask_id, peak, seed=len(rows))
                 except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others
-                    row.status = "OOM" if _oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+                    row.status = "OOM" if _oom(exc) else f"error: {type(exc).__name__}: {first}"
                     for chunk in chunks:
                         chunk.zero_grad_buffer()
                     if torch.cuda.is_available():

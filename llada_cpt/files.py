@@ -1,4 +1,4 @@
-"""All-or-nothing file writes: the one atomic writer of the project.
+"""All-or-nothing, durable file writes: the one atomic writer of the project, and fsync.
 
 A result (a checkpoint's ``latest`` pointer or ``metrics.json``, generated JSONL,
 a benchmark table) is written to a hidden temporary file in the same folder and
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "fsync_path", "fsync_tree"]
 
 
 def write_atomic(path: Union[str, os.PathLike], text: str, durable: bool = False) -> None:
@@ -34,3 +34,20 @@ def write_atomic(path: Union[str, os.PathLike], text: str, durable: bool = False
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync one file or directory (a directory's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and directory under ``path`` (and ``path`` itself)."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)

@@ -68,7 +68,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
-# the optimizer layout that reshards across DP sizes (what training/checkpoint.py saves)
+# the optimizer layout that reshards across DP sizes (what checkpoint/megatron.py saves)
 RESHARDABLE = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 

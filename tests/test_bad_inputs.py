@@ -75,14 +75,17 @@ CASES = [
          ("unknown config key `model.num_layer`", "Did you mean `model.num_layers`")),
     Case("block size does not divide seq length", lambda t, d, s: train(t, "diffusion.block_schedule=[[3,10]]"),
          "train", ("block size 3 does not divide data.seq_length=128",)),
-    Case("parallel sizes vs --nproc", lambda t, d, s: train(t, "--nproc", "2", "parallel.pipeline_model_parallel_size=4"),
+    Case("parallel sizes vs --nproc",
+         lambda t, d, s: train(t, "--nproc", "2", "parallel.pipeline_model_parallel_size=4"),
          "train", ("2 processes cannot be split", "pipeline(4)")),
     # --- found inside the ranks of `--nproc N` (N=1 where one rank shows the path: cheaper)
-    Case("tokenizer missing", lambda t, d, s: train(t, "--nproc", "2", "data.demo=false", f"data.tokenizer={t / 'no.model'}",
-                                                    f"data.train_data=[{d.train_prefix}]"),
+    Case("tokenizer missing",
+         lambda t, d, s: train(t, "--nproc", "2", "data.demo=false", f"data.tokenizer={t / 'no.model'}",
+                               f"data.train_data=[{d.train_prefix}]"),
          "train", ("tokenizer file", "no.model", "does not exist")),
-    Case("data prefix missing", lambda t, d, s: train(t, "--nproc", "1", "data.demo=false", f"data.tokenizer={d.tokenizer_path}",
-                                                      f"data.train_data=[{t / 'nodata'}]"),
+    Case("data prefix missing",
+         lambda t, d, s: train(t, "--nproc", "1", "data.demo=false", f"data.tokenizer={d.tokenizer_path}",
+                               f"data.train_data=[{t / 'nodata'}]"),
          "train", ("nodata", "not found")),
     Case("init_from checkpoint missing", lambda t, d, s: train(t, "--nproc", "1", f"train.init_from={t / 'nockpt'}"),
          "train", ("checkpoint", "nockpt", "does not exist")),
@@ -96,8 +99,9 @@ CASES = [
                           "-m", "llada_cpt.cli", *train(t, "parallel.pipeline_model_parallel_size=4")[3:]],
          "train", ("2 processes cannot be split", "pipeline(4)")),
     # --- preprocess
-    Case("unreadable JSONL", lambda t, d, s: preprocess(t, [corpus_file(t, "bad.jsonl", b'{"text": "a\n\xff\xfe{oops\n')],
-                                                        d.tokenizer_path),
+    Case("unreadable JSONL",
+         lambda t, d, s: preprocess(t, [corpus_file(t, "bad.jsonl", b'{"text": "a\n\xff\xfe{oops\n')],
+                                    d.tokenizer_path),
          "preprocess", ("no usable documents, nothing written", "corrupt record", "bad.jsonl:1", "bad.jsonl:2"),
          preprocess_outputs),
     Case("empty dataset", lambda t, d, s: preprocess(t, [corpus_file(t, "empty.jsonl", b"")], d.tokenizer_path),
@@ -135,11 +139,13 @@ CASES = [
     Case("RL top-p and temperature", lambda t, d, s: cli("rl", "-c", "tiny_rl", "rl.top_p=0", "rl.temperature=-1",
                                                          f"checkpoint.save_dir={t / 'ck'}"),
          "rl", ("2 problems in the config",)),
-    Case("RL group of one", lambda t, d, s: cli("rl", "-c", "tiny_rl", "rl.group_size=1", f"checkpoint.save_dir={t / 'ck'}"),
+    Case("RL group of one",
+         lambda t, d, s: cli("rl", "-c", "tiny_rl", "rl.group_size=1", f"checkpoint.save_dir={t / 'ck'}"),
          "rl", ("rl.group_size=1 is out of range", "must be >= 2")),
     Case("config file that is not text", lambda t, d, s: train(t, "-c", corpus_file(t, "cfg.yaml", b"\xff\xfe\x00bin")),
          "train", ("config file", "cfg.yaml", "cannot be read")),
-    Case("generate --block-size 0", lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x", "--block-size", "0"),
+    Case("generate --block-size 0",
+         lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x", "--block-size", "0"),
          "generate", ("argument --block-size", "must be >= 1, got 0")),
     Case("generate --top-k -1", lambda t, d, s: cli("generate", "--ckpt", str(t), "--prompt", "x", "--top-k", "-1"),
          "generate", ("argument --top-k", "must be >= 0, got -1")),
@@ -150,7 +156,8 @@ CASES = [
          "generate", ("argument --temperature", "got nan")),
     Case("eval --max-samples 0", lambda t, d, s: cli("eval", "--ckpt", str(t), "--max-samples", "0"),
          "eval", ("argument --max-samples", "must be >= 1, got 0")),
-    Case("merge --top-k 0", lambda t, d, s: cli("merge", "--run-dir", str(t), "--top-k", "0", "--out", str(t / "merged")),
+    Case("merge --top-k 0",
+         lambda t, d, s: cli("merge", "--run-dir", str(t), "--top-k", "0", "--out", str(t / "merged")),
          "merge", ("argument --top-k", "must be >= 1, got 0"), lambda t: [t / "merged"]),
     Case("convert import --tp 0", lambda t, d, s: cli("convert", "import", "--hf", str(t), "--out", str(t / "conv"),
                                                       "--tp", "0"),
@@ -179,18 +186,18 @@ def test_bad_input_gives_one_error_line_and_no_output(case, tmp_path, demo, smal
 
 
 def test_checkpoint_of_another_vocabulary_is_refused(tmp_path):
-    """``check_vocab``: a checkpoint's embedding rows must be this run's vocabulary under its padding."""
+    """``CheckpointInfo.check_vocab``: a checkpoint's embedding rows must be this run's vocabulary under its padding."""
     from dist import run_distributed
-
+    from llada_cpt.checkpoint.info import CheckpointInfo
     from llada_cpt.errors import UserError
-    from llada_cpt.training.checkpoint import check_vocab
 
     run_distributed(_save_embedding_only, 1, str(tmp_path / "iter_0000001"), 4096, 128)
-    check_vocab(tmp_path / "iter_0000001", 4096)
-    check_vocab(tmp_path / "iter_0000001", 4000)  # same vocabulary up to padding (e.g. another TP size)
+    info = CheckpointInfo.read(tmp_path / "iter_0000001")
+    info.check_vocab(4096)
+    info.check_vocab(4000)  # same vocabulary up to padding (e.g. another TP size)
     for vocab in (512, 4097, 8192):
         with pytest.raises(UserError, match=rf"embeddings for 4096 tokens .* tokenizer has {vocab} tokens"):
-            check_vocab(tmp_path / "iter_0000001", vocab)
+            info.check_vocab(vocab)
 
 
 def _save_embedding_only(rank: int, world: int, path: str, rows: int, divisible_by: int):

@@ -21,8 +21,15 @@ import transformers  # the `hf` extra; the test extra must install it too
 from dist import run_distributed
 from llada_cpt.config.schema import ModelConfig, ParallelConfig
 from llada_cpt.convert import ConvertError, ConvertInputMissing
-from llada_cpt.convert.mapping import (ARCHITECTURES, canonical_name, fuse_qkv, hf_config_from_model,
-                                       model_config_from_hf, split_qkv, tp_shard)
+from llada_cpt.convert.mapping import (
+    ARCHITECTURES,
+    canonical_name,
+    fuse_qkv,
+    hf_config_from_model,
+    model_config_from_hf,
+    split_qkv,
+    tp_shard,
+)
 
 VOCAB = 100
 L = 16
@@ -134,21 +141,19 @@ def _logits(run_dir: str, tokens: torch.Tensor, parallel: ParallelConfig) -> tor
     """Build the model from the checkpoint's config.yaml in ``parallel``, load it, causal forward, full vocab."""
     import dataclasses
 
-    import yaml
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from llada_cpt.config.loader import config_from_dict
-    from llada_cpt.convert.hf_export import stored_vocab_rows
+    from llada_cpt.checkpoint.info import CheckpointInfo
+    from llada_cpt.checkpoint.megatron import load_checkpoint
     from llada_cpt.convert.hf_import import ensure_layout
     from llada_cpt.diffusion.layout import AttentionLayout
     from llada_cpt.model.provider import build_model
-    from llada_cpt.training.checkpoint import load_checkpoint, resolve_checkpoint
 
     ensure_layout(parallel)
     torch.manual_seed(7)  # another random init than the import's: nothing survives from it
-    path = resolve_checkpoint(run_dir)
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-    rows, _ = stored_vocab_rows(path)  # the padding of the TP size that saved it
+    info = CheckpointInfo.read(run_dir)
+    path, cfg = info.path, info.config
+    rows = info.stored_embedding.shape[0]  # the padding of the TP size that saved it
     tp = parallel.tensor_model_parallel_size
     model_cfg = dataclasses.replace(cfg.model, make_vocab_size_divisible_by=rows // tp)
     (model,) = build_model(model_cfg, parallel, "fp32", cfg.model.vocab_size)
@@ -372,7 +377,8 @@ def test_cli_import_tp2_then_export_in_small_shards(single, layouts, hf):
     _ok(single[CLI_CASE])
     assert json.loads((layouts[CLI_CASE]["run"] / "iter_0000000" / "metrics.json").read_text())["world_size"] == 2
     export = single[CLI_CASE]["export"]
-    assert len(list(export.glob("model-*-of-*.safetensors"))) > 1 and (export / "model.safetensors.index.json").is_file()
+    assert len(list(export.glob("model-*-of-*.safetensors"))) > 1
+    assert (export / "model.safetensors.index.json").is_file()
     got = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).state_dict()
     original = hf["cases"]["qwen3_moe"]["state"]
     assert set(got) == set(original) and all(torch.equal(got[k], original[k]) for k in original)

@@ -27,8 +27,8 @@ def _step(stage, run, forward_only):
 
 def _layouts(rank: int, world: int, out: str) -> dict:
     """TP=1 x DP=2 from scratch (reference = the initial weights), then TP=2, CP=2, PP=2 from checkpoints."""
+    from llada_cpt.checkpoint import megatron as ckpt
     from llada_cpt.stages.dpo import DPOStage
-    from llada_cpt.training import checkpoint as ckpt
     from llada_cpt.training.loop import build_run, run_step
 
     results = {}

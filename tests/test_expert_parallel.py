@@ -4,7 +4,7 @@ Four gloo ranks, for two MoE variants of ``tiny-moe`` (4 experts, top-2, alltoal
 dispatcher): the aux-loss router (softmax) and the aux-loss-free one (sigmoid
 scores with a learned expert bias).  EP = 2 (x DP = 4) with the distributed
 optimizer trains two steps, saves model and optimizer with ``dist_checkpointing``
-(the optimizer through :mod:`llada_cpt.parallel.expert_checkpoint`, fully
+(the optimizer through :mod:`llada_cpt.checkpoint.optimizer_state`, fully
 reshardable) and trains two more; EP = 1 (x DP = 4) loads that checkpoint and
 trains the same two steps: both losses must match, the second of which depends
 on the resharded Adam moments; EP = 1's own checkpoint two steps later resumes
@@ -104,7 +104,7 @@ def _eval_loss(chunks, step: int) -> float:
 
 
 def _experts(chunks) -> dict:
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.model.wrappers import unwrap
 
     mlp = unwrap(chunks[0]).decoder.layers[1].mlp
     bias = getattr(mlp.router, "expert_bias", None)
@@ -113,12 +113,12 @@ def _experts(chunks) -> dict:
 
 
 def _save(path: str, chunks, opt) -> None:
-    """Model + optimizer as ``training/checkpoint.py`` should store them (see the module docstring)."""
+    """Model + optimizer as ``checkpoint/megatron.py`` should store them (see the module docstring)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from llada_cpt.parallel.expert_checkpoint import OPTIM_METADATA, optimizer_sharded_state_dict
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.checkpoint.optimizer_state import OPTIM_METADATA, optimizer_sharded_state_dict
+    from llada_cpt.model.wrappers import unwrap
 
     if dist.get_rank() == 0:
         os.makedirs(path)
@@ -131,8 +131,8 @@ def _save(path: str, chunks, opt) -> None:
 def _load(path: str, chunks, opt=None) -> None:
     from megatron.core import dist_checkpointing
 
-    from llada_cpt.parallel.expert_checkpoint import load_optimizer_state, optimizer_sharded_state_dict
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.checkpoint.optimizer_state import load_optimizer_state, optimizer_sharded_state_dict
+    from llada_cpt.model.wrappers import unwrap
 
     sharded = {"model": unwrap(chunks[0]).sharded_state_dict()}
     if opt is not None:

@@ -203,15 +203,34 @@ def test_training_does_not_import_the_merge_tool():
     assert not users, users
 
 
-def test_checkpoint_modules_import_no_megatron():
-    """The offline tools (merge, verify, inspect's readers) stay light: no Megatron-Core, no training code."""
+# the save / load of a live training run (Megatron's dist_checkpointing and optimizer); every other module of
+# llada_cpt/checkpoint/ serves the offline tools too and stays light
+MEGATRON_CHECKPOINT_MODULES = {"megatron.py", "optimizer_state.py"}
+# what the offline checkpoint modules may import from the package: nothing that builds or runs a model
+OFFLINE_CHECKPOINT_DEPENDENCIES = ("checkpoint", "errors", "arg_types", "files", "config", "diffusion")
+
+
+def test_offline_checkpoint_modules_import_no_megatron():
+    """The offline tools (merge, verify, inspect's readers, CheckpointInfo) stay light: no Megatron-Core, no
+    training or model code, and not the Megatron save / load next to them."""
     bad = {}
     for f in sorted((ROOT / PACKAGE / "checkpoint").glob("*.py")):
+        if f.name in MEGATRON_CHECKPOINT_MODULES:
+            continue
         got = sorted(t for t in _imports_of(f) if t.split(".")[0] == "megatron"
-                     or t.startswith(f"{PACKAGE}.") and _node(t, PACKAGE) not in ("checkpoint", "errors", "arg_types"))
+                     or t.startswith(f"{PACKAGE}.") and _node(t, PACKAGE) not in OFFLINE_CHECKPOINT_DEPENDENCIES
+                     or t.removeprefix(f"{PACKAGE}.checkpoint.") + ".py" in MEGATRON_CHECKPOINT_MODULES)
         if got:
             bad[f.name] = got
     assert not bad, bad
+    assert {f.name for f in (ROOT / PACKAGE / "checkpoint").glob("*.py")} >= MEGATRON_CHECKPOINT_MODULES
+
+
+def test_checkpoint_code_has_one_home():
+    """Item 1: everything that saves, loads, reads, names, selects or merges checkpoints is in checkpoint/."""
+    strays = sorted(str(f.relative_to(ROOT)) for f in (ROOT / PACKAGE).rglob("*checkpoint*.py")
+                    if f.parent.name != "checkpoint" and "megatron_patches" not in f.parts)
+    assert not strays, strays
 
 
 # ------------------------------------------------------------------------------ the checker itself

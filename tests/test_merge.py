@@ -23,10 +23,13 @@ import torch
 import yaml
 
 from dist import run_distributed
-from llada_cpt.checkpoint import io as checkpoint_io, merge, raw as checkpoint_raw
-from llada_cpt.checkpoint.io import OutputTensor, Region, TorchDistCheckpoint, write_torch_dist
+from llada_cpt.checkpoint import io as checkpoint_io
+from llada_cpt.checkpoint import merge
+from llada_cpt.checkpoint import raw as checkpoint_raw
+from llada_cpt.checkpoint.io import Region, TorchDistCheckpoint
+from llada_cpt.checkpoint.paths import resolve_checkpoint
+from llada_cpt.checkpoint.writer import OutputTensor, write_torch_dist
 from llada_cpt.cli import main as cli_main
-from llada_cpt.training.checkpoint import resolve_checkpoint
 
 # iteration -> val_ppl (None: metrics.json without it)
 RUN = {100: 5.0, 200: 3.0, 300: None, 400: 4.0, 500: 3.5}
@@ -115,13 +118,13 @@ class _StandInOptimizer:
 
 def _session(rank: int, world: int, root: str) -> dict:
     """Write the input run; rank 0 merges its top 3 (with a process group up); both ranks load the result."""
-    from llada_cpt.megatron_patches import cpu as megatron_cpu
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    from llada_cpt.checkpoint.megatron import load_checkpoint, save_checkpoint
     from llada_cpt.config.schema import Config
-    from llada_cpt.training.checkpoint import load_checkpoint, save_checkpoint
+    from llada_cpt.megatron_patches import cpu as megatron_cpu
 
     megatron_cpu.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -160,9 +163,9 @@ def _merge_real_gpt_tp2(rank: int, root: str) -> dict:
     """A real TP=2 GPTModel: 3 saves, merge, load back; per-parameter max |error| vs the local mean."""
     import torch.distributed as dist
 
+    from llada_cpt.checkpoint.megatron import load_checkpoint, save_checkpoint
     from llada_cpt.config.schema import Config
     from llada_cpt.model.provider import build_model
-    from llada_cpt.training.checkpoint import load_checkpoint, save_checkpoint
     from llada_cpt.training.distributed import initialize
 
     cfg = Config()

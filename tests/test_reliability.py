@@ -18,8 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import (REPO, TINY_CONFIG, TINY_RUN, Background, assert_clean_error, cli, file_size_limited,
-                         latest_name, run, signal_tree, step_log, wait_until)
+from run_helpers import (
+    REPO,
+    TINY_CONFIG,
+    TINY_RUN,
+    Background,
+    assert_clean_error,
+    cli,
+    file_size_limited,
+    latest_name,
+    run,
+    signal_tree,
+    step_log,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -321,7 +333,8 @@ def _merge_picks(root: Path, k: int) -> set[str]:
 
 
 def _check_retention(root: Path, keep_last: int, keep_best: int) -> None:
-    from llada_cpt.training.checkpoint import apply_retention, list_checkpoints
+    from llada_cpt.checkpoint.megatron import apply_retention
+    from llada_cpt.checkpoint.paths import list_checkpoints
 
     before = [p.name for p in list_checkpoints(root)]
     latest = latest_name(root)
@@ -368,7 +381,7 @@ def test_retention_random_runs(tmp_path):
 
 
 def test_retention_keep_last_zero_keeps_everything(tmp_path):
-    from llada_cpt.training.checkpoint import apply_retention
+    from llada_cpt.checkpoint.megatron import apply_retention
 
     root = _fake_run(tmp_path, {1: 3.0, 2: 2.0, 3: 1.0}, latest=3)
     assert apply_retention(root, 0, 0) == [] and len(list(root.glob("iter_*"))) == 3

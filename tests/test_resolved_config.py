@@ -74,7 +74,8 @@ def _dry_run(capsys, command: str, stage_cls, *overrides: str):
 def test_values_from_init_from_are_resolved_before_validation_and_printed(tmp_path, capsys):
     """``--dry-run`` prints the resolved, validated config - the one the ranks validate and save: the block
     size of a CPT checkpoint stopped mid-schedule (SFT) and the final learning rate of an SFT checkpoint (DPO)."""
-    from llada_cpt.stages.common import InitCheckpoint
+    from llada_cpt.checkpoint.info import CheckpointInfo
+    from llada_cpt.stages.common import final_lr
     from llada_cpt.stages.dpo import DPOStage
     from llada_cpt.stages.sft import SFTStage
 
@@ -85,7 +86,7 @@ def test_values_from_init_from_are_resolved_before_validation_and_printed(tmp_pa
     sft = _fake_checkpoint(tmp_path / "sft" / "iter_0000005", "sft", "diffusion.block_schedule=[[16,1]]",
                            "train.lr=2e-3", "train.min_lr=1e-4", "train.lr_decay_style=cosine",
                            "train.train_steps=10", "train.lr_warmup_steps=0", iteration=5, consumed_steps=5)
-    want = InitCheckpoint.resolve(str(sft)).final_lr()
+    want = final_lr(CheckpointInfo.read(str(sft)))
     assert 1e-4 < want < 2e-3
     printed = _dry_run(capsys, "dpo", DPOStage, f"train.init_from={sft}", "train.lr=5e-3", "train.min_lr=1e-5")
     assert printed["train"]["lr"] == pytest.approx(want) and printed["train"]["min_lr"] == 1e-5
@@ -93,7 +94,8 @@ def test_values_from_init_from_are_resolved_before_validation_and_printed(tmp_pa
 
 
 def test_rl_refuses_masked_embedding_noise():
-    cfg = load_config(None, ["data.demo=true", "diffusion.embedding_noise_steps=10", "diffusion.embedding_noise_std=0.1"])
+    cfg = load_config(None, ["data.demo=true", "diffusion.embedding_noise_steps=10",
+                             "diffusion.embedding_noise_std=0.1"])
     cfg.stage = "rl"
     cfg.diffusion.block_schedule = [[cfg.rl.block_size, 1]]
     with pytest.raises(ConfigError, match="diffusion.embedding_noise_steps=0"):

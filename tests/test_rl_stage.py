@@ -113,7 +113,7 @@ def _hand_entropy_grads(run, batches) -> list:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.model.wrappers import unwrap
 
     model = unwrap(run.model_chunks[0])
     names, params = zip(*model.named_parameters())
@@ -144,10 +144,10 @@ def _ppo_step_layouts(rank: int, world: int, out: str) -> dict:
     """From the same weights and rows: TP1 x DP2, TP2 and CP2 (2 ranks).  Zero advantages with entropy_coef=1
     (TP1, TP2: stage vs hand gradients), and a PPO step with advantages and recomputed old log-probs
     (TP1 x DP2 vs CP2: loss and gradients)."""
+    from llada_cpt.checkpoint import megatron as ckpt
     from llada_cpt.config import load_config
     from llada_cpt.rl import PPOConfig
     from llada_cpt.stages.rl import RLStage
-    from llada_cpt.training import checkpoint as ckpt
     from llada_cpt.training.loop import build_run, run_step
 
     results = {}

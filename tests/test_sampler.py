@@ -103,17 +103,17 @@ def test_budget_context_and_config_errors():
 
 def test_trained_block_size_follows_the_wsd_schedule():
     from llada_cpt.config.schema import Config
-    from llada_cpt.inference.engine import trained_block_size
+    from llada_cpt.diffusion.wsd import trained_block_size
 
     cfg = Config()
     cfg.data.seq_length = 64
     cfg.train.global_batch_size = 2
     cfg.diffusion.block_schedule = [[1, 10], [64, 10], [16, 5]]
     per_step = 2 * 64
-    assert trained_block_size(cfg, {}) == 16  # no metrics: the last phase
-    assert trained_block_size(cfg, {"consumed_tokens": 5 * per_step}) == 1
-    assert trained_block_size(cfg, {"consumed_tokens": 15 * per_step}) == 64
-    assert trained_block_size(cfg, {"consumed_tokens": 100 * per_step}) == 16
+    assert trained_block_size(cfg, None) == 16  # no metrics: the last phase
+    assert trained_block_size(cfg, 5 * per_step) == 1
+    assert trained_block_size(cfg, 15 * per_step) == 64
+    assert trained_block_size(cfg, 100 * per_step) == 16
 
 
 # ----------------------------------------------------------------------------- model worker
@@ -192,9 +192,9 @@ def _as_lists(batch):
 
 
 def _sampler_checks(rank: int, world: int, ckpt_dir: str) -> dict:
+    from llada_cpt.checkpoint.megatron import save_checkpoint
     from llada_cpt.config.schema import Config
     from llada_cpt.inference.generation import generate
-    from llada_cpt.training.checkpoint import save_checkpoint
     from llada_cpt.training.distributed import initialize, wrap_ddp
 
     initialize(ParallelConfig(), seed=1234)
@@ -218,8 +218,8 @@ def _sampler_checks(rank: int, world: int, ckpt_dir: str) -> dict:
                           ("sampled", dict(temperature=1.0, top_p=0.9, threshold=0.3, seed=5))]:
             cached = generate(model, prompts, _cfg(**kw))
             plain = generate(model, prompts, _cfg(use_cache=False, **kw))
-            res[label] = {"cached": _as_lists(cached), "plain": _as_lists(plain),
-                          "tpf": cached.stats.tpf, "forwards": (cached.stats.forward_passes, plain.stats.forward_passes)}
+            res[label] = {"cached": _as_lists(cached), "plain": _as_lists(plain), "tpf": cached.stats.tpf,
+                          "forwards": (cached.stats.forward_passes, plain.stats.forward_passes)}
         return res
 
     def reference():
@@ -296,8 +296,8 @@ def _sampler_checks(rank: int, world: int, ckpt_dir: str) -> dict:
 
 
 def _tp2(rank: int, world: int, ckpt_dir: str) -> dict:
+    from llada_cpt.checkpoint.megatron import load_checkpoint
     from llada_cpt.inference.generation import generate
-    from llada_cpt.training.checkpoint import load_checkpoint
     from llada_cpt.training.distributed import initialize
 
     initialize(ParallelConfig(tensor_model_parallel_size=2), seed=1234)

@@ -76,8 +76,8 @@ def _grads(run) -> list:
 def _trained_sft(out: str):
     """``(cfg, stage, run)`` after two SFT steps, saved to ``out/w``: some masked tokens are then predicted
     right (CAP acts on them)."""
+    from llada_cpt.checkpoint import megatron as ckpt
     from llada_cpt.stages.sft import SFTStage
-    from llada_cpt.training import checkpoint as ckpt
     from llada_cpt.training.loop import build_run, run_step
 
     cfg = small_config("sft", "train.lr=3e-3")
@@ -212,7 +212,7 @@ def _hand_cap(run, batches) -> dict:
     import torch.distributed as dist
 
     from llada_cpt.diffusion.cap import token_entropy
-    from llada_cpt.training.distributed import unwrap
+    from llada_cpt.model.wrappers import unwrap
 
     model = unwrap(run.model_chunks[0])
     params = [p for p in model.parameters()]

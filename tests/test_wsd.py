@@ -61,8 +61,6 @@ def test_state_round_trip():
 
 def _checkpoint_mid_schedule(tmp_path, consumed_steps):
     """An ``iter_*`` directory as the loop writes it: resolved config.yaml + metrics.json with consumed tokens."""
-    import json
-
     from llada_cpt.config import dump_config, load_config
 
     cfg = load_config(None, ["data.demo=true", "data.seq_length=64", "train.global_batch_size=2",
@@ -80,16 +78,16 @@ def _checkpoint_mid_schedule(tmp_path, consumed_steps):
 def test_one_trained_block_size_for_post_training_stages_and_generate(tmp_path, steps, block):
     """A run stopped mid-schedule (step 15 of phases 1x10, 64x10, 16x5) was last trained with block 64:
     SFT / DPO from it and ``generate`` on it must both pick the phase in force at its consumed tokens."""
+    from llada_cpt.checkpoint.info import CheckpointInfo
     from llada_cpt.config import load_config
-    from llada_cpt.inference.engine import trained_block_size
-    from llada_cpt.stages.common import InitCheckpoint, resolve_block_size
+    from llada_cpt.stages.common import resolve_block_size
 
     cfg, path = _checkpoint_mid_schedule(tmp_path, steps)
-    init = InitCheckpoint.resolve(str(path))
+    init = CheckpointInfo.read(str(path))  # what init_from and generate / eval / lm-eval read
     sft = load_config(None, ["data.demo=true", "data.seq_length=64"])
     assert resolve_block_size("sft", sft, init)[0] == block
     assert resolve_block_size("dpo", sft, init)[0] == block
-    assert trained_block_size(cfg, json.loads((path / "metrics.json").read_text())) == block
+    assert init.trained_block_size == block
     wsd = WSDSchedule.from_config(cfg.diffusion.block_schedule, 64, "steps", 2 * 64)
     assert wsd.trained_block_size(steps * 2 * 64) == block
     assert wsd.trained_block_size(None) == 16  # no consumed tokens (converted / merged): the last phase

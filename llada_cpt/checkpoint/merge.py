@@ -18,7 +18,7 @@ Output layout: ``OUT`` is a *run directory* holding one checkpoint and a
     OUT/latest
 
 so ``train.init_from=OUT``, conversion and generation (all through
-:func:`llada_cpt.training.checkpoint.resolve_checkpoint`) load it like any run.
+:func:`llada_cpt.checkpoint.megatron.resolve_checkpoint`) load it like any run.
 Only model weights are written: **optimizer state, scheduler and loop state are
 not merged**, so the result starts a new stage; it cannot resume the old one.
 Non-floating tensors (integer buffers) and ShardedObject items (e.g.
@@ -44,20 +44,23 @@ import torch
 
 from ..arg_types import int_range
 from ..errors import partial_output
+from ..files import fsync_path, fsync_tree
 from . import paths as ckpt
-from .paths import CONFIG_FILE, METRICS_FILE
-from .io import (OutputTensor, Region, TorchDistCheckpoint, fsync_path, fsync_tree, regions_bytes, write_order,
-                 write_torch_dist)
+from .info import CheckpointInfo
+from .io import Region, TorchDistCheckpoint
+from .paths import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    CheckpointError,  # noqa: F401
+)
 from .raw import weighted_sum
-from .paths import CheckpointError  # noqa: F401
-from .selection import (DEFAULT_METRIC, Candidate, MergeError, Selection, normalise_weights,  # noqa: F401
-                        select_explicit, select_top_k)
+from .selection import DEFAULT_METRIC, MergeError, Selection, normalise_weights, score, select_explicit, select_top_k  # noqa: F401
 from .verify import verify_checkpoint
+from .writer import OutputTensor, regions_bytes, write_order, write_torch_dist
 
 __all__ = [
     "MergeError",
     "CheckpointError",
-    "Candidate",
     "Selection",
     "select_top_k",
     "select_explicit",
@@ -73,8 +76,6 @@ MAX_REGION_BYTES = 64 * 2**20
 DEFAULT_THREADS = 2  # slab workers per region: the sums are memory-bound, 2 already hide the reads
 # DCP keys of everything that is not model weights (Megatron optimizers save under `optimizer.`)
 NON_MODEL_PREFIXES = ("optimizer.",)
-# model-config fields that choose kernels or initialisation, not the weights' meaning
-RUNTIME_MODEL_FIELDS = frozenset({"attention_backend", "init_method_std", "moe_token_dispatcher_type"})
 OPTIMIZER_NOTE = ("optimizer state is not merged: the output holds model weights only "
                   "(start a new stage from it with train.init_from=OUT; it cannot resume the old run)")
 
@@ -83,16 +84,8 @@ def _is_model_key(key: str) -> bool:
     return not key.startswith(NON_MODEL_PREFIXES)
 
 
-def _model_config(path: Path) -> Optional[dict]:
-    data = ckpt.read_saved_config(path)
-    if data is None:
-        return None
-    model = data.get("model") or {}
-    return {k: v for k, v in model.items() if k not in RUNTIME_MODEL_FIELDS}
-
-
 def _check_same_model_config(paths: Sequence[Path]) -> None:
-    configs = [(p, _model_config(p)) for p in paths]
+    configs = [(p, CheckpointInfo.read(p).architecture) for p in paths]
     configs = [(p, c) for p, c in configs if c is not None]
     if not configs:
         return
@@ -365,7 +358,7 @@ def _merge_metrics(selection: Selection, plan: MergePlan, iteration: int) -> dic
             "copied_tensors": plan.copied,
             "sources": [
                 {"path": str(c.path.resolve()), "iteration": c.iteration, "weight": w,
-                 metric: c.score(metric)[0]}
+                 metric: score(c, metric)[0]}
                 for c, w in zip(selection.chosen, selection.weights)
             ],
         },

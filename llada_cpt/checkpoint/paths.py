@@ -2,8 +2,7 @@
 
 Offline tools (merge, conversion front ends, the CLI's argument checks) need these
 paths but not Megatron-Core, whose import costs ~1.5 s and ~150 MB of RSS
-(``benchmarks/results/merge.md``).  :mod:`llada_cpt.training.checkpoint`
-re-exports them next to the save / load functions.
+(``benchmarks/results/merge.md``).
 """
 from __future__ import annotations
 
@@ -60,9 +59,21 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
                   and (p / MEGATRON_CONFIG).is_file())
 
 
+def _damaged_file(f: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"`{f}` is damaged ({type(err).__name__}); use another checkpoint of the run "
+                           "(`llada-cpt checkpoint verify` shows what else is wrong)")
+
+
 def read_metrics(path: str | Path) -> dict:
+    """A checkpoint's ``metrics.json`` (``{}`` when it has none)."""
     f = Path(path) / METRICS_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except (ValueError, OSError) as err:
+        raise _damaged_file(f, err) from None
+    return data if isinstance(data, dict) else {}
 
 
 def read_saved_config(path: str | Path) -> Optional[dict]:
@@ -75,7 +86,10 @@ def read_saved_config(path: str | Path) -> Optional[dict]:
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
         return None
-    data = yaml.safe_load(f.read_text())
+    try:
+        data = yaml.safe_load(f.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise _damaged_file(f, err) from None
     return data if isinstance(data, dict) else {}
 
 

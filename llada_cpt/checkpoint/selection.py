@@ -16,9 +16,10 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from . import paths as ckpt
+from .info import CheckpointInfo
 from .paths import CheckpointError
 
-__all__ = ["DEFAULT_METRIC", "MergeError", "Candidate", "Selection", "normalise_weights",
+__all__ = ["DEFAULT_METRIC", "MergeError", "score", "Selection", "normalise_weights",
            "select_top_k", "select_explicit", "apply_retention"]
 
 DEFAULT_METRIC = "val_ppl"
@@ -28,51 +29,34 @@ class MergeError(UserError, ValueError):
     """The requested merge is impossible or unsafe (mismatched inputs, bad output path, bad weights)."""
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One checkpoint and what its ``metrics.json`` says."""
-
-    path: Path
-    iteration: int
-    metrics: dict
-
-    @classmethod
-    def load(cls, path: Path) -> "Candidate":
-        metrics = ckpt.read_metrics(path)
-        iteration = metrics.get("iteration")
-        if not isinstance(iteration, int):
-            digits = path.name.rpartition("_")[2]
-            iteration = int(digits) if digits.isdigit() else 0
-        return cls(path, iteration, metrics)
-
-    def score(self, metric: str) -> Tuple[Optional[float], str]:
-        """``(value, "")`` or ``(None, why it cannot be ranked)``."""
-        value = self.metrics.get(metric)
-        if value is None:
-            return None, f"no `{metric}` in metrics.json"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, f"`{metric}` is {value!r}, not a number"
-        if not math.isfinite(value):
-            return None, f"`{metric}` is {value}"
-        return float(value), ""
+def score(info: CheckpointInfo, metric: str) -> Tuple[Optional[float], str]:
+    """``(value, "")`` or ``(None, why it cannot be ranked)``: a finite number in ``metrics.json``."""
+    value = info.metrics.get(metric)
+    if value is None:
+        return None, f"no `{metric}` in metrics.json"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"`{metric}` is {value!r}, not a number"
+    if not math.isfinite(value):
+        return None, f"`{metric}` is {value}"
+    return float(value), ""
 
 
 @dataclass
 class Selection:
     """The checkpoints to merge, their normalised weights, and what was left out and why."""
 
-    chosen: List[Candidate]
+    chosen: List[CheckpointInfo]
     weights: List[float]
     metric: Optional[str] = None
     mode: Optional[str] = None
-    skipped: List[Tuple[Candidate, str]] = field(default_factory=list)
+    skipped: List[Tuple[CheckpointInfo, str]] = field(default_factory=list)
     protected: List[Path] = field(default_factory=list)  # directories the output must stay out of
 
     def describe(self) -> str:
         metric = self.metric or DEFAULT_METRIC
         lines = [f"  {'#':>2}  {'iteration':>9}  {metric:>12}  {'weight':>7}  path"]
         for i, (c, w) in enumerate(zip(self.chosen, self.weights), 1):
-            value, _ = c.score(metric)
+            value, _ = score(c, metric)
             shown = f"{value:.6g}" if value is not None else "-"
             lines.append(f"  {i:>2}  {c.iteration:>9}  {shown:>12}  {w:>7.4f}  {c.path}")
         for c, why in self.skipped:
@@ -111,8 +95,12 @@ def select_top_k(run_dir: str | Path, k: int, metric: str = DEFAULT_METRIC, mode
         raise MergeError(f"--mode must be `min` or `max`, got `{mode}`")
     scored, skipped = [], []
     for path in ckpt.list_checkpoints(run):
-        cand = Candidate.load(path)
-        value, why = cand.score(metric)
+        try:
+            cand = CheckpointInfo.read(path)
+        except CheckpointError as err:  # a damaged metrics.json: not rankable, like one without the metric
+            cand, (value, why) = CheckpointInfo(path, {}), (None, str(err))
+        else:
+            value, why = score(cand, metric)
         if value is None:
             skipped.append((cand, why))
         else:
@@ -144,7 +132,7 @@ def select_explicit(paths: Sequence[str | Path], weights: Optional[Sequence[floa
         if p.resolve() in seen:
             raise MergeError(f"`{p}` is listed twice; use --weights to weight one checkpoint more")
         seen.add(p.resolve())
-    chosen = [Candidate.load(p) for p in resolved]
+    chosen = [CheckpointInfo.read(p) for p in resolved]
     return Selection(chosen, normalise_weights(weights, len(chosen)), metric, None, [], protected)
 
 

@@ -26,8 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .paths import (COMMON_FILE, CONFIG_FILE, DCP_METADATA, LATEST, MEGATRON_CONFIG, METRICS_FILE, CheckpointError,
-                    list_checkpoints)
+from .paths import (
+    COMMON_FILE,
+    CONFIG_FILE,
+    DCP_METADATA,
+    LATEST,
+    MEGATRON_CONFIG,
+    METRICS_FILE,
+    CheckpointError,
+    list_checkpoints,
+)
 
 __all__ = ["Verdict", "verify_checkpoint", "verify_run", "require_complete", "main"]
 

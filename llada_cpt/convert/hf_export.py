@@ -24,9 +24,8 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.io import stored_embedding
-from ..checkpoint.paths import EMBEDDING_KEY, CheckpointError, read_saved_config
-from ..config.loader import config_from_dict
+from ..checkpoint.info import CheckpointInfo
+from ..checkpoint.paths import EMBEDDING_KEY
 from ..config.schema import Config, ParallelConfig
 from ..errors import partial_output
 from .errors import ConvertError, ConvertInputMissing
@@ -35,7 +34,7 @@ from .mapping import Architecture, canonical_name, hf_config_from_model, hf_tens
 from .safetensors_io import ShardedWriter, read_config
 from .tokenizer_files import copy_tokenizer_files, find_tokenizer, inspect_tokenizer
 
-__all__ = ["ExportPlan", "plan_export", "export_hf", "stored_vocab_rows"]
+__all__ = ["ExportPlan", "plan_export", "export_hf"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -57,24 +56,6 @@ class ExportPlan:
     max_shard_bytes: int
 
 
-def stored_vocab_rows(checkpoint: str | os.PathLike) -> tuple[int, torch.dtype]:
-    """Padded embedding rows and dtype stored in a torch_dist checkpoint (read from its metadata only).
-
-    The padding depends on the TP size that saved it (``make_vocab_size_divisible_by * tp``),
-    so a model loading it with another TP size must be built with these rows.
-    """
-    try:
-        info = stored_embedding(checkpoint)
-    except CheckpointError as err:
-        info, why = None, str(err)
-    else:
-        why = "no such tensor"
-    if info is None:
-        raise ConvertError(f"`{checkpoint}` holds no `{EMBEDDING_KEY}` ({why}); it is not a complete "
-                           "model checkpoint")
-    return int(info.shape[0]), info.dtype
-
-
 def _export_tokenizer(cfg: Config, checkpoint: Path, template_dir: Optional[Path]) -> Optional[Path]:
     """The tokenizer file to ship: the checkpoint's ``data.tokenizer``, its run's ``tokenizer/``, the template's."""
     places = [checkpoint.parent / TOKENIZER_DIR, template_dir]
@@ -87,14 +68,6 @@ def _export_tokenizer(cfg: Config, checkpoint: Path, template_dir: Optional[Path
     return next((f for f in found if f is not None), None)
 
 
-def _load_config(checkpoint: Path) -> Config:
-    data = read_saved_config(checkpoint)
-    if data is None:
-        raise ConvertInputMissing(f"`{checkpoint}` has no config.yaml; only checkpoints written by llada-cpt "
-                                  "(train, convert import, merge) can be exported")
-    return config_from_dict(data)
-
-
 def plan_export(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
@@ -103,12 +76,14 @@ def plan_export(
     max_shard_bytes: int = 5 * 10**9,
 ) -> ExportPlan:
     """Check an export (paths, config, architecture) before anything is built or written."""
-    from ..training.checkpoint import resolve_checkpoint
-
     if dtype not in ("auto", *_DTYPES):
         raise ConvertError(f"--dtype `{dtype}` is not one of auto, {', '.join(_DTYPES)}")
-    path = resolve_checkpoint(ckpt)
-    cfg = _load_config(path)
+    info = CheckpointInfo.read(ckpt)
+    path = info.path
+    if info.saved_config is None:
+        raise ConvertInputMissing(f"`{path}` has no config.yaml; only checkpoints written by llada-cpt "
+                                  "(train, convert import, merge) can be exported")
+    cfg = info.config
     template_dir = Path(hf_template) if hf_template else path.parent / TEMPLATE_DIR
     if hf_template and not template_dir.is_dir():
         raise ConvertInputMissing(f"--hf-template `{template_dir}` is not a directory; pass a Hugging Face model "
@@ -120,7 +95,10 @@ def plan_export(
         template_dir = None
     tok_file = _export_tokenizer(cfg, path, template_dir)
     tok = inspect_tokenizer(tok_file) if tok_file else None
-    rows, stored = stored_vocab_rows(path)
+    embedding = info.stored_embedding
+    if embedding is None:
+        raise ConvertError(f"`{path}` holds no `{EMBEDDING_KEY}`; it is not a complete model checkpoint")
+    rows, stored = int(embedding.shape[0]), embedding.dtype
     vocab = cfg.model.vocab_size or (tok.vocab_size if tok else None)
     if vocab is None or vocab > rows:
         raise ConvertError(f"cannot tell the vocabulary size of `{path}` (model.vocab_size={cfg.model.vocab_size}, "
@@ -139,8 +117,8 @@ def export_hf(plan: ExportPlan, seed: int = 1234) -> Path:
     """Write the HF directory (one process; Megatron is initialised as a world of one)."""
     import torch.distributed as dist
 
+    from ..checkpoint.megatron import load_checkpoint
     from ..model.provider import build_model
-    from ..training.checkpoint import load_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
         raise ConvertError("convert export runs in one process; launch it without --nproc / torchrun")

@@ -6,7 +6,7 @@ sizes) so a bad input fails at once with one message and writes nothing.
 :func:`import_hf` is collective: every rank builds our ``GPTModel`` with the
 target TP/PP/EP layout, fills *its own* parameters from the safetensors files
 (one HF tensor at a time, only the vocabulary rows it holds), and the ranks
-save together with :func:`llada_cpt.training.checkpoint.save_checkpoint`.
+save together with :func:`llada_cpt.checkpoint.megatron.save_checkpoint`.
 
 Output ``OUT`` is a run directory, written as a hidden sibling and renamed when
 complete (an existing ``OUT`` is never touched)::
@@ -45,8 +45,16 @@ from ..config.choices import field_choices
 from ..config.schema import Config, DataConfig, DiffusionConfig, ModelConfig, ParallelConfig, TrainConfig
 from ..errors import partial_output
 from .errors import ConvertError
-from .mapping import (Architecture, canonical_name, hf_tensor_names, is_expert_param, model_config_from_hf,
-                      model_slots, to_megatron, tp_shard)
+from .mapping import (
+    Architecture,
+    canonical_name,
+    hf_tensor_names,
+    is_expert_param,
+    model_config_from_hf,
+    model_slots,
+    to_megatron,
+    tp_shard,
+)
 from .safetensors_io import HFCheckpoint
 from .tokenizer_files import TokenizerInfo, find_tokenizer, inspect_tokenizer, write_tokenizer
 
@@ -184,13 +192,14 @@ def fill_model(chunks: list, ckpt: HFCheckpoint, plan: ImportPlan) -> int:
     """Copy the HF tensors into this rank's parameters (sliced for TP/EP); returns the count filled."""
     from megatron.core import parallel_state as ps
 
-    from ..training.distributed import unwrap
+    from ..model.wrappers import unwrap
 
     m = plan.model
     slots = model_slots(plan.arch, m)
     tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
     etp = (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
-    expert_offset = ps.get_expert_model_parallel_rank() * (m.num_experts or 0) // plan.parallel.expert_model_parallel_size
+    ep = plan.parallel.expert_model_parallel_size
+    expert_offset = ps.get_expert_model_parallel_rank() * (m.num_experts or 0) // ep
     filled = 0
     for chunk in chunks:
         chunk = unwrap(chunk)
@@ -265,8 +274,8 @@ def import_hf(plan: ImportPlan, seed: int = 1234) -> Path:
     """Collective: convert on every rank of the launch (sizes from ``plan.parallel``); returns ``plan.out``."""
     import torch.distributed as dist
 
+    from ..checkpoint.megatron import save_checkpoint
     from ..model.provider import build_model
-    from ..training.checkpoint import save_checkpoint
 
     ensure_layout(plan.parallel, seed=seed)
     rank = dist.get_rank()

@@ -41,7 +41,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128)
                    help="prompt wrapping; default: raw for a CPT checkpoint, auto otherwise")
     p.add_argument("--block-size", type=int_range(1), default=None, help="default: the checkpoint's trained block size")
     p.add_argument("--threshold", type=float_range(0), default=0.95, help="commit positions more confident than this")
-    p.add_argument("--min-tokens-per-step", type=int_range(1), default=1, help="low-confidence fallback: commit at least k")
+    p.add_argument("--min-tokens-per-step", type=int_range(1), default=1,
+                   help="low-confidence fallback: commit at least k")
     p.add_argument("--max-steps-per-block", type=int_range(1), default=None, help="then commit the rest (default: B)")
     p.add_argument("--temperature", type=float_range(0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0)
@@ -52,7 +53,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow; reference)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--tp", type=int_range(1), default=1, help="tensor-parallel size (needs --nproc N, a multiple of it)")
+    p.add_argument("--tp", type=int_range(1), default=1,
+                   help="tensor-parallel size (needs --nproc N, a multiple of it)")
     p.add_argument("--nproc", type=int_range(1), default=None, help="launch N local processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..checkpoint.info import CheckpointInfo
 from ..checkpoint.paths import CheckpointError
 from ..config.schema import Config
 from ..errors import ConfigError
@@ -34,32 +35,22 @@ from .sampler import SamplerConfig
 
 __all__ = [
     "CheckpointError",
-    "CheckpointInfo",
+    "InferenceInfo",
     "InferenceModel",
     "ModelRunner",
     "inspect_checkpoint",
     "load_model_for_inference",
-    "trained_block_size",
     "block_size_warning",
 ]
 
 
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint says about itself (no model built)."""
+@dataclass(frozen=True)
+class InferenceInfo(CheckpointInfo):
+    """A checkpoint (no model built) and the tokenizer its prompts are encoded with."""
 
-    path: Path
-    config: Config
-    metrics: dict
     tokenizer: object  # llada_cpt.data.tokenizer.Tokenizer
     mask_id: int
     eos_id: int
-    trained_block_size: int
-    context_length: int
-
-    @property
-    def stage(self) -> str:
-        return self.config.stage
 
 
 @dataclass
@@ -67,7 +58,7 @@ class InferenceModel:
     """A loaded model plus everything the sampler needs from its checkpoint."""
 
     model: torch.nn.Module  # GPTModel (pre and post process)
-    info: CheckpointInfo
+    info: InferenceInfo
     tensor_parallel_size: int
     dtype: torch.dtype
 
@@ -93,15 +84,7 @@ class InferenceModel:
 # ------------------------------------------------------------------------------ checkpoint
 
 
-def trained_block_size(cfg: Config, metrics: Optional[dict] = None) -> int:
-    """The block size the checkpoint was trained with (:func:`llada_cpt.diffusion.wsd.trained_block_size`,
-    the definition the post-training stages use too) from its config and ``metrics.json``."""
-    from ..diffusion.wsd import trained_block_size as of_checkpoint
-
-    return of_checkpoint(cfg, (metrics or {}).get("consumed_tokens"))
-
-
-def block_size_warning(info: CheckpointInfo, block_size: int) -> Optional[str]:
+def block_size_warning(info: InferenceInfo, block_size: int) -> Optional[str]:
     """A warning line when ``block_size`` is not the block size the checkpoint was last trained with."""
     if block_size == info.trained_block_size:
         return None
@@ -120,30 +103,20 @@ def _load_tokenizer(cfg: Config):
                           "the run's tokenizer is needed to encode prompts")
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+def inspect_checkpoint(path: str | os.PathLike) -> InferenceInfo:
     """Resolve ``path`` (run directory with ``latest``, or an ``iter_*`` directory) and read its metadata."""
-    from ..config.loader import load_config
-    from ..checkpoint.paths import read_metrics, resolve_checkpoint
-
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint `{p}` does not exist; pass a run directory (with a `latest` file) or an "
                               "iter_* checkpoint directory")
-    resolved = resolve_checkpoint(p)
-    cfg_file = resolved / "config.yaml"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"`{resolved}` has no config.yaml, so the model architecture is unknown; use a "
-                              "checkpoint written by llada-cpt train / merge / convert")
-    cfg = load_config(cfg_file)
+    ckpt = CheckpointInfo.read(p)
+    cfg = ckpt.config  # (no config.yaml: one line saying the architecture is unknown)
     tok = _load_tokenizer(cfg)
     mask_id = tok.mask_id if cfg.diffusion.mask_id is None else cfg.diffusion.mask_id
-    metrics = read_metrics(resolved)
-    return CheckpointInfo(path=resolved, config=cfg, metrics=metrics, tokenizer=tok, mask_id=int(mask_id),
-                          eos_id=int(tok.eod_id), trained_block_size=trained_block_size(cfg, metrics),
-                          context_length=int(cfg.model.max_position_embeddings))
+    return InferenceInfo(ckpt.path, ckpt.metrics, tokenizer=tok, mask_id=int(mask_id), eos_id=int(tok.eod_id))
 
 
-def load_model_for_inference(ckpt: str | os.PathLike | CheckpointInfo, tp: int = 1, precision: str = "auto",
+def load_model_for_inference(ckpt: str | os.PathLike | InferenceInfo, tp: int = 1, precision: str = "auto",
                              seed: int = 0) -> InferenceModel:
     """Build the checkpoint's model for ``tp`` tensor-parallel ranks and load its weights (no optimizer).
 
@@ -151,17 +124,15 @@ def load_model_for_inference(ckpt: str | os.PathLike | CheckpointInfo, tp: int =
     without a launcher; under ``--nproc`` / torchrun the world is ``tp x dp``).
     ``precision``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
     """
-    from ..checkpoint.io import stored_embedding
+    from ..checkpoint.megatron import load_checkpoint
     from ..config.schema import ParallelConfig
-    from ..model.provider import build_model
-    from ..training.checkpoint import load_checkpoint
+    from ..model.provider import build_model, resolve_dtype
     from ..training.distributed import initialize
-    from ..model.provider import resolve_dtype
 
-    info = ckpt if isinstance(ckpt, CheckpointInfo) else inspect_checkpoint(ckpt)
+    info = ckpt if isinstance(ckpt, InferenceInfo) else inspect_checkpoint(ckpt)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=False)
     initialize(parallel, seed=seed)
-    stored = stored_embedding(info.path)  # build exactly the stored rows, whatever TP size saved them
+    stored = info.stored_embedding  # build exactly the stored rows, whatever TP size saved them
     rows = stored.shape[0] if stored is not None else None
     model_cfg = info.config.model
     vocab = info.tokenizer.vocab_size
@@ -187,7 +158,7 @@ class ModelRunner:
     """The sampler's :class:`~.sampler.Denoiser` over a Megatron ``GPTModel`` (bare or DDP-wrapped)."""
 
     def __init__(self, model):
-        from ..training.distributed import unwrap
+        from ..model.wrappers import unwrap
 
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         if len(chunks) != 1:

@@ -23,8 +23,16 @@ from typing import List, Optional, Sequence
 
 from ..arg_types import int_range
 from ..errors import ConfigError, DataError
-from .cli import (is_rank0, add_sampler_arguments, check_output_path, generate_distributed, relaunch,
-                  sampler_config, warn_settings, write_jsonl)
+from .cli import (
+    add_sampler_arguments,
+    check_output_path,
+    generate_distributed,
+    is_rank0,
+    relaunch,
+    sampler_config,
+    warn_settings,
+    write_jsonl,
+)
 
 __all__ = ["main", "validation_loss", "score_math", "DEFAULT_INSTRUCTION"]
 

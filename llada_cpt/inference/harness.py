@@ -458,7 +458,8 @@ class LladaLM(TemplateLM):
             temperature = 0.0
         info = self.info
         cfg = SamplerConfig(
-            block_size=self.block_size, threshold=self.opts.threshold, min_tokens_per_step=self.opts.min_tokens_per_step,
+            block_size=self.block_size, threshold=self.opts.threshold,
+            min_tokens_per_step=self.opts.min_tokens_per_step,
             max_steps_per_block=self.opts.steps, max_new_tokens=max_gen, temperature=temperature,
             top_p=float(kwargs.pop("top_p", self.opts.top_p)), top_k=int(kwargs.pop("top_k", self.opts.top_k)),
             batch_size=self.opts.batch_size, seed=self.opts.seed, mask_id=info.mask_id, eos_id=info.eos_id,

@@ -29,8 +29,10 @@ _SUBCOMMANDS = ("run", "ls", "validate")
 
 def _nproc(argv: Sequence[str]) -> Optional[int]:
     for i, a in enumerate(argv):
-        value = a.split("=", 1)[1] if a.startswith("--nproc=") else argv[i + 1] if a == "--nproc" and i + 1 < len(argv) \
-            else None
+        if a.startswith("--nproc="):
+            value = a.split("=", 1)[1]
+        else:
+            value = argv[i + 1] if a == "--nproc" and i + 1 < len(argv) else None
         if a == "--nproc" and value is None:
             raise ConfigError("--nproc needs a number of processes")
         if value is not None:

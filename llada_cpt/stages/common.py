@@ -1,9 +1,9 @@
 """What the post-training stages (``sft``, ``dpo``) share.
 
-* :class:`InitCheckpoint`: the checkpoint ``train.init_from`` names, with the
-  config it was trained with: its tokenizer, trained block size (the WSD phase
-  in force at its consumed tokens), final learning rate and model architecture
-  are the defaults / checks of the next stage.
+* :func:`init_or_none`: the checkpoint ``train.init_from`` names (a
+  :class:`~llada_cpt.checkpoint.info.CheckpointInfo`): its tokenizer, trained
+  block size, final learning rate (:func:`final_lr`) and model architecture are
+  the defaults / checks of the next stage.
 * :func:`resolve_post_training`: what a stage takes from that checkpoint, written
   into the config *before* it is validated (and so saved as validated).
 * :func:`resolve_block_size`, :func:`data_paths`.
@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +23,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..config.schema import Config, ModelConfig, PostTrainDataConfig
+from ..checkpoint.info import CheckpointInfo
+from ..config.schema import Config, PostTrainDataConfig
 from ..errors import ConfigError, DataError
 from ..training.loop import Run, StepData
 
-__all__ = ["say", "InitCheckpoint", "init_or_none", "Resolved", "resolve_post_training", "resolve_block_size",
-           "data_paths",
-           "bundled_path", "PackedSplit", "load_packed_split", "collate_rows", "print_stats"]
+__all__ = ["say", "final_lr", "init_or_none", "Resolved", "resolve_post_training", "resolve_block_size",
+           "data_paths", "bundled_path", "PackedSplit", "load_packed_split", "collate_rows", "print_stats"]
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
-
-# settings that change kernels or memory, not the weights a checkpoint holds
-_NOT_ARCHITECTURE = {"preset", "attention_backend", "recompute_granularity", "moe_grouped_gemm",
-                     "moe_token_dispatcher_type"}
 
 
 def say(msg: str) -> None:
@@ -45,82 +40,24 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
-@dataclass(frozen=True)
-class InitCheckpoint:
-    """A checkpoint to start from and the resolved config saved with it (``None`` if it has none)."""
+def final_lr(init: CheckpointInfo) -> Optional[float]:
+    """The learning rate ``init``'s run would have used next (its scheduler at its iteration): DPO's default."""
+    if "train" not in (init.saved_config or {}):
+        return None
+    from ..config.loader import config_from_dict
+    from ..training.optimizer import build_scheduler
 
-    path: Path
-    config: Optional[dict]
-    iteration: int
-    consumed_tokens: Optional[int] = None
-
-    @classmethod
-    def resolve(cls, init_from: Optional[str]) -> Optional["InitCheckpoint"]:
-        if not init_from:
-            return None
-        from ..checkpoint.paths import read_metrics, read_saved_config, resolve_checkpoint
-
-        path = resolve_checkpoint(init_from)
-        metrics = read_metrics(path)
-        consumed = metrics.get("consumed_tokens")
-        return cls(path, read_saved_config(path) or None, int(metrics.get("iteration", 0)),
-                   None if consumed is None else int(consumed))
-
-    def section(self, name: str) -> dict:
-        return dict((self.config or {}).get(name) or {})
-
-    @property
-    def stage(self) -> Optional[str]:
-        return (self.config or {}).get("stage")
-
-    @property
-    def trained_block_size(self) -> Optional[int]:
-        """The block size this checkpoint was trained with (:func:`llada_cpt.diffusion.wsd.trained_block_size`:
-        the WSD phase in force at its consumed tokens, as ``generate`` sees it); ``None`` without a schedule."""
-        if not self.section("diffusion").get("block_schedule"):
-            return None
-        from ..config.loader import config_from_dict
-        from ..diffusion.wsd import trained_block_size
-
-        try:
-            cfg = config_from_dict({k: self.section(k) for k in ("data", "train", "diffusion")})
-            return trained_block_size(cfg, self.consumed_tokens)
-        except ConfigError:
-            return None
-
-    def final_lr(self) -> Optional[float]:
-        """The learning rate the run would have used next (its scheduler at ``iteration``)."""
-        if not self.config or "train" not in self.config:
-            return None
-        from ..config.loader import config_from_dict
-        from ..training.optimizer import build_scheduler
-
-        try:
-            cfg = config_from_dict({"train": self.config["train"]})
-        except ConfigError:
-            return None
-        fake = types.SimpleNamespace(param_groups=[{}])  # the scheduler only writes param_groups[i]["lr"]
-        sched = build_scheduler(cfg, fake)
-        sched.step(increment=self.iteration)
-        return float(fake.param_groups[0]["lr"])
-
-    def model_differences(self, model: ModelConfig) -> List[str]:
-        """``field: ours vs checkpoint`` for every architecture field that differs."""
-        theirs = self.section("model")
-        if not theirs:
-            return []
-        ours = dataclasses.asdict(model)
-        return [f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in ours
-                if k not in _NOT_ARCHITECTURE and k in theirs and ours[k] != theirs[k]]
-
-    def check_model(self, model: ModelConfig) -> None:
-        diff = self.model_differences(model)
-        if diff:
-            raise ConfigError(f"the model section differs from the one {self.path} was trained with "
-                              f"({'; '.join(diff)}); use that checkpoint's model settings")
+    try:
+        cfg = config_from_dict({"train": init.section("train")})
+    except ConfigError:
+        return None
+    fake = types.SimpleNamespace(param_groups=[{}])  # the scheduler only writes param_groups[i]["lr"]
+    sched = build_scheduler(cfg, fake)
+    sched.step(increment=init.iteration)
+    return float(fake.param_groups[0]["lr"])
 
 
-def resolve_block_size(stage: str, cfg: Config, init: Optional[InitCheckpoint]) -> tuple[int, str]:
+def resolve_block_size(stage: str, cfg: Config, init: Optional[CheckpointInfo]) -> tuple[int, str]:
     """``(block size, where it came from)``: ``<stage>.block_size``, else the init checkpoint's
     trained block size (capped at ``seq_length``: MDLM stays MDLM), else the last phase of
     ``diffusion.block_schedule``.  Post-training packs samples to whole blocks of this size."""
@@ -142,7 +79,7 @@ def resolve_block_size(stage: str, cfg: Config, init: Optional[InitCheckpoint]) 
 class Resolved:
     """The init checkpoint of a post-training stage and the one block size of its run."""
 
-    init: Optional[InitCheckpoint]
+    init: Optional[CheckpointInfo]
     block: int
     block_source: str
 
@@ -299,10 +236,11 @@ def print_stats(what: str, stats: Any, block: int, source: str, paths: Sequence[
     say(f"{what} data ({', '.join(paths)}; block size {block} from {source}): {stats.summary()}")
 
 
-def init_or_none(cfg: Config) -> Optional[InitCheckpoint]:
+def init_or_none(cfg: Config) -> Optional[CheckpointInfo]:
     """The init checkpoint, checked against the model section."""
-    init = InitCheckpoint.resolve(cfg.train.init_from)
-    if init is not None:
-        init.check_model(cfg.model)
+    if not cfg.train.init_from:
+        return None
+    init = CheckpointInfo.read(cfg.train.init_from)
+    init.check_model(cfg.model)
     return init
 

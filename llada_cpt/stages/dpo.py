@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..checkpoint.info import CheckpointInfo
 from ..config.schema import Config
 from ..data.preference import collate_pairs, load_preference_dataset
 from ..data.tokenizer import resolve_tokenizer
@@ -60,7 +61,7 @@ from ..training.loop import Run, StepData
 from ..training.reference import build_reference
 from ..training.stage import Stage
 from ..training.step import StepLoss, forward_backward
-from .common import InitCheckpoint, PackedSplit, collate_rows, load_packed_split, resolve_post_training, say
+from .common import PackedSplit, collate_rows, final_lr, load_packed_split, resolve_post_training, say
 
 __all__ = ["PairBatch", "DPOStage", "dpo_step_loss", "REFERENCE_ELBO", "main"]
 
@@ -163,7 +164,7 @@ class DPOStage(Stage):
         self.loss = dpo_step_loss(cfg.dpo.beta)
         self.position = 0
         self.split: Optional[PackedSplit] = None
-        self.init: Optional[InitCheckpoint] = None
+        self.init: Optional[CheckpointInfo] = None
         self.reference: Optional[list] = None  # model chunks (dpo.reference=model)
         self.ref_cache: Optional[torch.Tensor] = None  # [train + valid pairs, 2] (dpo.reference=precomputed)
         self.pad_id = 0
@@ -180,7 +181,7 @@ class DPOStage(Stage):
         if cfg.dpo.lr is not None:
             return cfg.dpo.lr, "dpo.lr"
         if self.init is not None and self.init.stage == "sft":
-            lr = self.init.final_lr()
+            lr = final_lr(self.init)
             if lr:
                 return lr, f"the final rate of the SFT checkpoint {self.init.path}"
         return cfg.train.lr, "train.lr"

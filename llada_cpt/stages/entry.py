@@ -27,17 +27,20 @@ def parse(argv: Sequence[str], stage: str, command: Optional[str] = None) -> tup
     after the options."""
     p = argparse.ArgumentParser(prog=f"llada-cpt {command or stage}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", help="YAML config file, or the name of a shipped recipe (tiny_cpu, qwen3_dense_cpt, ...; see configs/)")
+    p.add_argument("-c", "--config", help="YAML config file, or the name of a shipped recipe "
+                                          "(tiny_cpu, qwen3_dense_cpt, ...; see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.lr=1e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
-    p.add_argument("--nproc", type=int_range(1), default=None, help="launch N local processes (like torchrun --standalone)")
+    p.add_argument("--nproc", type=int_range(1), default=None,
+                   help="launch N local processes (like torchrun --standalone)")
     args = p.parse_intermixed_args(list(argv))
     cfg = load_config(args.config, args.overrides)
     cfg.stage = stage
     return args, cfg
 
 
-def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str, make_stage: Callable[[Config], object]) -> int:
+def stage_main(argv: Optional[Sequence[str]], command: str, stage_name: str,
+               make_stage: Callable[[Config], object]) -> int:
     """Run ``llada-cpt <command> <argv>``: print the config (``--dry-run``), start ``--nproc`` ranks, or train."""
     argv = list(argv or [])
     args, cfg = parse(argv, stage_name, command)

@@ -53,8 +53,16 @@ from ..diffusion.layout import AttentionLayout
 from ..diffusion.seeded import sample_seed
 from ..errors import ConfigError, DataError
 from ..parallel.cp_batch import full_token_values
-from ..rl import (DynamicSamplingConfig, PPOConfig, RewardConfig, RewardFunction, build_trajectory_inputs,
-                  dynamic_sample, group_advantages, ppo_loss)
+from ..rl import (
+    DynamicSamplingConfig,
+    PPOConfig,
+    RewardConfig,
+    RewardFunction,
+    build_trajectory_inputs,
+    dynamic_sample,
+    group_advantages,
+    ppo_loss,
+)
 from ..training.distributed import all_reduce_host
 from ..training.loop import Run, StepData
 from ..training.reference import build_reference
@@ -105,7 +113,8 @@ def load_questions(paths: Sequence[str]) -> List[dict]:
             bad.add(where, "missing or empty `ground_truth_answer`", "missing field")
             continue
         out.append({"question": q, "answer": str(a)})
-    bad.check(len(out), "RL questions", "give JSONL lines of the form {\"question\": ..., \"ground_truth_answer\": ...}")
+    bad.check(len(out), "RL questions",
+              "give JSONL lines of the form {\"question\": ..., \"ground_truth_answer\": ...}")
     return out
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..config.schema import ParallelConfig
 from ..errors import ConfigError
 
-__all__ = ["ParallelInfo", "initialize", "destroy", "check_world_size", "wrap_ddp", "unwrap", "device"]
+__all__ = ["ParallelInfo", "initialize", "destroy", "check_world_size", "wrap_ddp", "device"]
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,3 @@ def wrap_ddp(model_chunks: Sequence[torch.nn.Module], parallel_cfg: ParallelConf
         )
         for i, chunk in enumerate(model_chunks)
     ]
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The bare ``GPTModel`` under DDP / Float16Module wrappers (for state dicts, hooks)."""
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
-        module = module.module
-    return module

@@ -24,7 +24,8 @@ def step_flops(model: ModelConfig, vocab_size: int, layouts: list[AttentionLayou
     d = model.kv_channels or h // heads
     groups = model.num_query_groups or heads
     attn_proj = 2 * h * d * (heads + 2 * groups) + 2 * heads * d * h
-    dense_mlp = 2 * 3 * h * (model.ffn_hidden_size or 4 * h) if model.activation == "swiglu" else 2 * 2 * h * (model.ffn_hidden_size or 4 * h)
+    ffn = model.ffn_hidden_size or 4 * h
+    dense_mlp = (2 * 3 if model.activation == "swiglu" else 2 * 2) * h * ffn
     if model.num_experts:
         moe_ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size or 4 * h
         moe_mlp = 2 * 3 * h * moe_ffn * model.moe_router_topk + 2 * h * model.num_experts

@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..checkpoint import megatron as ckpt
+from ..checkpoint.info import CheckpointInfo
+from ..checkpoint.paths import latest_checkpoint
 from ..checkpoint.verify import require_complete
 from ..config.schema import Config
 from ..config.validation import validate
 from ..diffusion.inputs import DiffusionBatch
 from ..diffusion.wsd import WSDSchedule
 from ..errors import UserError
-from . import checkpoint as ckpt
 from . import nan_guard
 from .flops import device_peak_flops, step_flops
 from .logger import TrainLogger
@@ -81,7 +83,7 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     stage.resolve_config(cfg)  # values from train.init_from enter the config before it is validated (and saved)
     validate(cfg, world_size=world)
-    resume = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
+    resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:  # a damaged checkpoint fails here, in a second, not after building the model
         require_complete(resume, resume=True)
     initialize(cfg.parallel, seed=cfg.train.seed)
@@ -105,13 +107,13 @@ def build_run(cfg: Config, stage: Stage) -> Run:
     run = Run(cfg, chunks, optimizer, scheduler, wsd, vocab_size, mask_id, dp_rank, dp_size)
     if cfg.diffusion.embedding_noise_steps > 0 and cfg.diffusion.embedding_noise_std > 0:
         from ..model.embedding_noise import EmbeddingNoise
-        from .distributed import unwrap
+        from ..model.wrappers import unwrap
 
         run.embedding_noise = EmbeddingNoise(cfg.diffusion, mask_id, cfg.train.seed, dp_rank)
         for chunk in chunks:
             run.embedding_noise.attach(unwrap(chunk))
     if resume is not None:
-        ckpt.check_vocab(resume, vocab_size)
+        CheckpointInfo.read(resume).check_vocab(vocab_size)
         state = ckpt.load_checkpoint(resume, chunks, optimizer, scheduler)
         run.iteration = int(state["iteration"])
         run.consumed_tokens = int(state["consumed_tokens"])
@@ -121,8 +123,9 @@ def build_run(cfg: Config, stage: Stage) -> Run:
             _print(f"note: WSD schedule changed since the checkpoint ({diff}); block size follows consumed tokens")
         _print(f"resumed from {resume} at step {run.iteration} ({run.consumed_tokens} tokens)")
     elif cfg.train.init_from:
-        path = ckpt.resolve_checkpoint(cfg.train.init_from)
-        ckpt.check_vocab(path, vocab_size)
+        init = CheckpointInfo.read(cfg.train.init_from)
+        init.check_vocab(vocab_size)
+        path = init.path
         ckpt.load_checkpoint(path, chunks, optimizer=None, scheduler=None, restore_rng=False)
         _print(f"initialised weights from {path}")
     return run
@@ -195,7 +198,7 @@ def _update(run: Run, stage: Stage, data: StepData, block: int, logger: TrainLog
         what = f"loss {vals['loss']}" if not loss_ok else "gradients"
         msg = f"step {run.iteration + 1}: non-finite {what}; global batch data indices {indices}"
         if t.nan_policy == "stop":
-            last_good = ckpt.latest_checkpoint(save_dir)
+            last_good = latest_checkpoint(save_dir)
             raise nan_guard.TrainingDiverged(
                 f"{msg}; stopping (train.nan_policy=stop), `latest` still names "
                 f"{last_good.name if last_good else 'no checkpoint'}; inspect those samples, lower train.lr "

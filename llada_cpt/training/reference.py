@@ -21,9 +21,9 @@ def build_reference(cfg: Config, run: "Run", init_path: Optional[str | os.PathLi
     gradients.  The RNG streams are left untouched, so building it changes nothing else in the run."""
     from megatron.core import tensor_parallel
 
+    from ..checkpoint import megatron as ckpt
     from ..model.provider import build_model
-    from . import checkpoint as ckpt
-    from .distributed import unwrap
+    from ..model.wrappers import unwrap
 
     if init_path is None and run.iteration > 0:
         raise ConfigError("a DPO run without train.init_from cannot resume: its reference (the random initial "

@@ -34,9 +34,9 @@ from megatron.core.utils import get_model_config
 from ..diffusion.inputs import DiffusionBatch, noised_half
 from ..diffusion.loss import normalised_loss, weighted_loss_terms
 from ..kernels.linear_cross_entropy import linear_cross_entropy
+from ..model.wrappers import unwrap
 from ..parallel.cp_batch import split_batch
 from .distributed import device as current_device
-from .distributed import unwrap
 
 __all__ = ["StepResult", "StepLoss", "ELBO_LOSS", "forward_backward", "batch_to_device"]
 

@@ -11,7 +11,7 @@ Layout of ``save_dir``::
 
 A crash at any point leaves ``latest`` pointing at a complete checkpoint.  The
 optimizer uses the ``fully_reshardable`` format, saved per role (dense / expert,
-:mod:`llada_cpt.parallel.expert_checkpoint`), so a checkpoint saved with one
+:mod:`llada_cpt.checkpoint.optimizer_state`), so a checkpoint saved with one
 TP/PP/DP/EP layout loads into another.
 """
 from __future__ import annotations
@@ -32,16 +32,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..checkpoint import selection
-from ..checkpoint.io import stored_embedding
-from ..checkpoint.paths import (LATEST, checkpoint_name, latest_checkpoint,  # noqa: F401
-                                list_checkpoints, read_metrics, read_saved_config, resolve_checkpoint)
-from ..checkpoint.verify import damaged, require_complete
 from ..config.loader import dump_config
-from ..errors import UserError, reraise_disk_full
+from ..errors import reraise_disk_full
 from ..files import write_atomic
-from ..parallel.expert_checkpoint import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
-from .distributed import unwrap
+from ..model.wrappers import unwrap
+from . import selection
+from .optimizer_state import OPTIM_METADATA, load_optimizer_state, optimizer_sharded_state_dict
+from .paths import CONFIG_FILE, LATEST, MEGATRON_CONFIG, METRICS_FILE, CheckpointError, checkpoint_name, read_metrics
+from .verify import damaged, require_complete
+
+__all__ = ["save_checkpoint", "load_checkpoint", "write_metrics", "apply_retention"]
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -64,7 +65,7 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     if _rank() != 0:
         return
     data = {**read_metrics(path), **metrics}
-    write_atomic(Path(path) / "metrics.json", json.dumps(data, indent=2, sort_keys=True))
+    write_atomic(Path(path) / METRICS_FILE, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _rng_state() -> dict:
@@ -109,7 +110,7 @@ def _disk_full_stops_cleanly(root: Path, tmp: Path):
             # DCP's collective write check: the cause is another rank's, whose one line the launcher
             # prints; give it the time to get there first (the launcher then stops this rank)
             time.sleep(5)
-            raise UserError(f"saving checkpoint {tmp.name[:-4]} in {root} failed on another rank (its message "
+            raise CheckpointError(f"saving checkpoint {tmp.name[:-4]} in {root} failed on another rank (its message "
                             f"says why); removed the partial {tmp.name}, {keep}") from err
         raise
 
@@ -151,9 +152,9 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         with _disk_full_stops_cleanly(root, tmp):
-            (tmp / "config.yaml").write_text(dump_config(config))
+            (tmp / CONFIG_FILE).write_text(dump_config(config))
             world = dist.get_world_size() if dist.is_initialized() else 1
-            (tmp / "metrics.json").write_text(json.dumps(
+            (tmp / METRICS_FILE).write_text(json.dumps(
                 {"iteration": iteration, "world_size": world, **(metrics or {})}, indent=2, sort_keys=True))
         if final.exists():  # re-reaching an iteration after resuming from an older one
             old = root / (final.name + ".old")
@@ -177,8 +178,8 @@ def load_checkpoint(
 ) -> dict:
     """Load into the given (possibly differently parallelised) model; returns the saved loop state."""
     path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise UserError(f"`{path}` is not a Megatron dist checkpoint (no metadata.json); pass an iter_* "
+    if not (path / MEGATRON_CONFIG).is_file():
+        raise CheckpointError(f"`{path}` is not a Megatron dist checkpoint (no metadata.json); pass an iter_* "
                         "directory or a run directory with a `latest` file")
     require_complete(path, resume=optimizer is not None)  # one line naming the checkpoint, not an EOFError per rank
     sharded = _model_sharded_state_dict(model_chunks)
@@ -209,35 +210,6 @@ def load_checkpoint(
             raise damaged(path, err) from err
         _set_rng_state(rng)
     return dict(loaded.get("state") or {})
-
-
-
-
-def check_vocab(path: str | Path, vocab_size: int) -> None:
-    """Raise :class:`UserError` when checkpoint ``path`` was trained with a different vocabulary.
-
-    Megatron loads the embedding and output layers with ``allow_shape_mismatch``
-    (their padding legitimately differs between TP sizes), so a checkpoint of
-    another tokenizer would load silently, truncated or zero-padded.  Its row
-    count is its vocabulary padded to its own multiple (``config.yaml``); this
-    run's ``vocab_size`` padded to that multiple must give the same count.
-    Call it before :func:`load_checkpoint` with the tokenizer's vocabulary size.
-    """
-    import math
-
-    require_complete(path)
-    tensor = stored_embedding(path)
-    if tensor is None:  # not a GPT checkpoint of ours (nothing to compare)
-        return
-    rows = int(tensor.shape[0])
-    saved = read_saved_config(path) or {}
-    model, parallel = saved.get("model") or {}, saved.get("parallel") or {}
-    multiple = int(model.get("make_vocab_size_divisible_by") or 128) * int(parallel.get("tensor_model_parallel_size") or 1)
-    expected = int(math.ceil(vocab_size / multiple) * multiple)
-    if rows != expected:
-        raise UserError(f"checkpoint `{path}` has embeddings for {rows} tokens (a vocabulary padded to a multiple of "
-                        f"{multiple}) but this run's tokenizer has {vocab_size} tokens; use the tokenizer the "
-                        "checkpoint was trained with (data.tokenizer), or start without it")
 
 
 def apply_retention(save_dir: str | Path, keep_last: int, keep_best: int, metric: str = "val_ppl") -> list[Path]:

@@ -75,7 +75,7 @@ def load_optimizer_state(optimizer: Any, loaded: dict) -> None:
     parts = _roles(optimizer)
     if "dense" not in loaded or "optimizer" not in loaded["dense"]:
         raise ValueError("the checkpoint's optimizer state has no `dense` part; it was not saved with "
-                         "llada_cpt.parallel.expert_checkpoint (load the weights only, without the optimizer)")
+                         "llada_cpt.checkpoint.optimizer_state (load the weights only, without the optimizer)")
     states = []
     for role in parts:
         state = dict(loaded.get(role) or {})
