@@ -56,6 +56,9 @@ def test_damaged_files_are_one_error_naming_the_file_and_config_is_read_only_whe
     assert info.iteration == 1
     with pytest.raises(CheckpointError, match=r"config.yaml` is damaged \(\w+Error\); use another checkpoint"):
         info.saved_config
+    (path / "config.yaml").write_text("- a list\n- not a config\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml` is damaged \(TypeError\)"):
+        CheckpointInfo.read(path).saved_config
     (path / "metrics.json").write_text("{oops")
     with pytest.raises(CheckpointError, match=r"metrics.json` is damaged \(JSONDecodeError\)"):
         CheckpointInfo.read(path)

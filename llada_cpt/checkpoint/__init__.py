@@ -12,8 +12,8 @@
 * :mod:`.megatron`  the atomic save / load of a training run (Megatron ``dist_checkpointing``)
 * :mod:`.optimizer_state` optimizer state saved per role (dense / expert), loadable across EP sizes
 
-Only the last two import Megatron-Core (~1.5 s and ~150 MB to import), so the
-offline tools stay light (``tests/test_import_graph.py`` checks it).  This
+Only :mod:`.megatron` imports Megatron-Core (~1.5 s and ~150 MB to import;
+:mod:`.optimizer_state` serves it), so the offline tools stay light (``tests/test_import_graph.py`` checks it).  This
 ``__init__`` imports nothing, so ``import llada_cpt.checkpoint.paths`` does not
 pull in torch.
 """

@@ -92,7 +92,7 @@ class CheckpointInfo:
             return config_from_dict(self.saved_config)
         except ConfigError as err:
             raise CheckpointError(f"the {CONFIG_FILE} of `{self.path}` is not a config of this version of llada-cpt "
-                                  f"({err}); fix that key in it") from None
+                                  f"({err}); fix it in that file") from None
 
     @property
     def context_length(self) -> int:
@@ -102,10 +102,11 @@ class CheckpointInfo:
     @cached_property
     def trained_block_size(self) -> Optional[int]:
         """The block size its last step was trained with (:func:`llada_cpt.diffusion.wsd.trained_block_size`:
-        the WSD phase in force at its consumed tokens); None without a usable config.
+        the WSD phase in force at its consumed tokens); None without a config.yaml or a usable schedule in it.
 
         Only the sections the schedule depends on are typed, so a checkpoint whose other sections an older
-        version wrote still gives its block size."""
+        version wrote still gives its block size; what a saved config leaves out takes its default, as in the
+        run that saved it (a saved config is a resolved one)."""
         if self.saved_config is None:
             return None
         from ..config.loader import config_from_dict
@@ -113,9 +114,9 @@ class CheckpointInfo:
 
         try:
             cfg = config_from_dict({k: self.section(k) for k in ("data", "train", "diffusion")})
-        except ConfigError:
+            return trained_block_size(cfg, self.consumed_tokens)
+        except ConfigError:  # (e.g. an empty schedule)
             return None
-        return trained_block_size(cfg, self.consumed_tokens)
 
     # ------------------------------------------------------------------ weights
 

@@ -1,11 +1,11 @@
-"""Streaming access to Megatron ``dist_checkpointing`` (torch_dist) checkpoints, one region at a time.
+"""Streaming reads of Megatron ``dist_checkpointing`` (torch_dist) checkpoints, one region at a time.
 
 ``dist_checkpointing.save``/``load`` move a whole state dict at once and need a
 process group; offline tools (top-k merge, format conversion) must instead touch
 one tensor region at a time so that memory stays bounded by a few layers, never
-the model.  This module reads and writes the same on-disk format with
-``torch.distributed.checkpoint`` (DCP) storage readers/writers directly, in a
-single process, without initialising ``torch.distributed``.
+the model.  This module reads the on-disk format with ``torch.distributed.checkpoint``
+(DCP) storage readers directly, in a single process, without initialising
+``torch.distributed``; :mod:`.writer` writes it the same way.
 
 Format facts this relies on (checked with megatron-core 0.16.1 and torch 2.13; only public
 DCP classes are used):

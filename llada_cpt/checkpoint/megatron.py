@@ -110,8 +110,8 @@ def _disk_full_stops_cleanly(root: Path, tmp: Path):
             # DCP's collective write check: the cause is another rank's, whose one line the launcher
             # prints; give it the time to get there first (the launcher then stops this rank)
             time.sleep(5)
-            raise CheckpointError(f"saving checkpoint {tmp.name[:-4]} in {root} failed on another rank (its message "
-                            f"says why); removed the partial {tmp.name}, {keep}") from err
+            raise CheckpointError(f"saving checkpoint {tmp.name[:-4]} in {root} failed on another rank (its "
+                                  f"message says why); removed the partial {tmp.name}, {keep}") from err
         raise
 
 
@@ -180,7 +180,7 @@ def load_checkpoint(
     path = Path(path)
     if not (path / MEGATRON_CONFIG).is_file():
         raise CheckpointError(f"`{path}` is not a Megatron dist checkpoint (no metadata.json); pass an iter_* "
-                        "directory or a run directory with a `latest` file")
+                              "directory or a run directory with a `latest` file")
     require_complete(path, resume=optimizer is not None)  # one line naming the checkpoint, not an EOFError per rank
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:

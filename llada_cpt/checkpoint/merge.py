@@ -18,7 +18,7 @@ Output layout: ``OUT`` is a *run directory* holding one checkpoint and a
     OUT/latest
 
 so ``train.init_from=OUT``, conversion and generation (all through
-:func:`llada_cpt.checkpoint.megatron.resolve_checkpoint`) load it like any run.
+:func:`llada_cpt.checkpoint.paths.resolve_checkpoint`) load it like any run.
 Only model weights are written: **optimizer state, scheduler and loop state are
 not merged**, so the result starts a new stage; it cannot resume the old one.
 Non-floating tensors (integer buffers) and ShardedObject items (e.g.

@@ -90,7 +90,9 @@ def read_saved_config(path: str | Path) -> Optional[dict]:
         data = yaml.safe_load(f.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
         raise _damaged_file(f, err) from None
-    return data if isinstance(data, dict) else {}
+    if data is not None and not isinstance(data, dict):
+        raise _damaged_file(f, TypeError(f"YAML {type(data).__name__}, not a mapping"))
+    return data or {}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Writing a torch_dist checkpoint region by region, each region computed only when it is written.
 
-The write side of :mod:`.io` (same format facts): the offline tools (top-k merge,
-``convert import``) produce one region at a time, so peak memory is one region
+The write side of :mod:`.io` (same format facts): the top-k merge produces one
+region at a time, so peak memory is one region
 and the output is byte-for-byte a checkpoint Megatron's ``dist_checkpointing``
 loads.  Single process, no ``torch.distributed`` initialisation.
 """
