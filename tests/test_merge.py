@@ -26,9 +26,9 @@ from dist import run_distributed
 from llada_cpt.checkpoint import io as checkpoint_io
 from llada_cpt.checkpoint import merge
 from llada_cpt.checkpoint import raw as checkpoint_raw
-from llada_cpt.checkpoint.io import Region, TorchDistCheckpoint
+from llada_cpt.checkpoint.io import Region, TensorInfo, TorchDistCheckpoint
 from llada_cpt.checkpoint.paths import resolve_checkpoint
-from llada_cpt.checkpoint.writer import OutputTensor, write_torch_dist
+from llada_cpt.checkpoint.writer import write_torch_dist
 from llada_cpt.cli import main as cli_main
 
 # iteration -> val_ppl (None: metrics.json without it)
@@ -207,7 +207,7 @@ def _copy_with(src: Path, dst: Path, change) -> None:
     ck = TorchDistCheckpoint(src)
     tensors = change({k: ck.read_tensor(k) for k in ck.tensors})
     dst.mkdir(parents=True)
-    outs = [OutputTensor(k, tuple(v.shape), v.dtype, (Region((0,) * v.dim(), tuple(v.shape)),))
+    outs = [TensorInfo(k, tuple(v.shape), v.dtype, (Region((0,) * v.dim(), tuple(v.shape)),))
             for k, v in tensors.items()]
     write_torch_dist(dst, outs, lambda t, r: tensors[t.key], {k: ck.read_object(k) for k in ck.objects})
     shutil.copyfile(src / "config.yaml", dst / "config.yaml")
@@ -323,7 +323,7 @@ def test_inputs_in_different_layouts_merge(root, tmp_path):
     src = TorchDistCheckpoint(ckpt_dir(root, 400))
     whole = tmp_path / "whole" / "iter_0000400"
     whole.mkdir(parents=True)
-    tensors = [OutputTensor(k, i.shape, i.dtype, (Region((0,) * len(i.shape), i.shape),))
+    tensors = [TensorInfo(k, i.shape, i.dtype, (Region((0,) * len(i.shape), i.shape),))
                for k, i in src.tensors.items()]
     write_torch_dist(whole, tensors, lambda t, r: src.read_tensor(t.key),
                      {k: src.read_object(k) for k in src.objects})
@@ -613,11 +613,11 @@ def test_big_chunks_stay_whole_when_the_inputs_are_chunked_differently(root, tmp
     src = TorchDistCheckpoint(ckpt_dir(root, 400))
     whole = tmp_path / "whole" / "iter_0000400"
     whole.mkdir(parents=True)
-    write_torch_dist(whole, [OutputTensor(k, i.shape, i.dtype, (Region((0,) * len(i.shape), i.shape),))
+    write_torch_dist(whole, [TensorInfo(k, i.shape, i.dtype, (Region((0,) * len(i.shape), i.shape),))
                              for k, i in src.tensors.items()], lambda t, r: src.read_tensor(t.key),
                      {k: src.read_object(k) for k in src.objects})
     monkeypatch.setattr(merge, "MAX_REGION_BYTES", 24)
     plan = merge.plan_merge([ckpt_dir(root, 200), whole])
-    regions = {t.key: t.regions for t in plan.tensors}
+    regions = {t.key: t.chunks for t in plan.tensors}
     assert regions[OUT_W] == TorchDistCheckpoint(ckpt_dir(root, 200)).tensors[OUT_W].chunks  # 2 shards vs 1
     assert len(regions[EMB]) > 1  # one chunk in both inputs: cut

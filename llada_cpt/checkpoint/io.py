@@ -78,7 +78,8 @@ class Region:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One global tensor of a checkpoint and the chunks it is stored as."""
+    """One global tensor of a checkpoint and the chunks it is stored as (found in a checkpoint's index, or
+    to be written by :func:`llada_cpt.checkpoint.writer.write_torch_dist`, each chunk produced on demand)."""
 
     key: str
     shape: Tuple[int, ...]

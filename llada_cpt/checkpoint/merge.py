@@ -47,7 +47,7 @@ from ..errors import partial_output
 from ..files import fsync_path, fsync_tree
 from . import paths as ckpt
 from .info import CheckpointInfo
-from .io import Region, TorchDistCheckpoint
+from .io import Region, TensorInfo, TorchDistCheckpoint
 from .paths import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -56,7 +56,7 @@ from .paths import (
 from .raw import weighted_sum
 from .selection import DEFAULT_METRIC, MergeError, Selection, normalise_weights, score, select_explicit, select_top_k  # noqa: F401
 from .verify import verify_checkpoint
-from .writer import OutputTensor, regions_bytes, write_order, write_torch_dist
+from .writer import regions_bytes, write_order, write_torch_dist
 
 __all__ = [
     "MergeError",
@@ -104,7 +104,7 @@ class MergePlan:
     """Validated inputs and the tensors to write (regions = the first input's stored chunks)."""
 
     inputs: List[TorchDistCheckpoint]
-    tensors: List[OutputTensor]
+    tensors: List[TensorInfo]
     objects: List[str]
     averaged: List[str]  # floating keys (weighted mean)
     copied: List[str]  # non-floating keys (taken from the first input)
@@ -115,7 +115,7 @@ class MergePlan:
 
     @property
     def largest_region_bytes(self) -> int:
-        return max((r.numel * t.dtype.itemsize for t in self.tensors for r in t.regions), default=0)
+        return max((r.numel * t.dtype.itemsize for t in self.tensors for r in t.chunks), default=0)
 
 
 def split_regions(chunks: Sequence[Region], itemsize: int, max_bytes: Optional[int] = None) -> Tuple[Region, ...]:
@@ -182,7 +182,7 @@ def plan_merge(paths: Sequence[str | Path]) -> MergePlan:
         # through DCP each piece would deserialise whole stored chunks again
         same = all(set(o.tensors[k].chunks) == set(info.chunks) for o in inputs[1:])
         regions = split_regions(info.chunks, info.dtype.itemsize) if same else info.chunks
-        tensors.append(OutputTensor(k, info.shape, info.dtype, regions))
+        tensors.append(TensorInfo(k, info.shape, info.dtype, regions))
     averaged = [t.key for t in tensors if t.dtype.is_floating_point]
     copied = [t.key for t in tensors if not t.dtype.is_floating_point]
     return MergePlan(inputs, tensors, objects, averaged, copied)
@@ -269,7 +269,7 @@ class _Averager:
         self.progress.update(region.numel * tensor.dtype.itemsize * len(inputs))
         return out
 
-    def __call__(self, tensor: OutputTensor, region: Region) -> torch.Tensor:
+    def __call__(self, tensor: TensorInfo, region: Region) -> torch.Tensor:
         index = self.position[(tensor.key, region.offsets)]
         pending, self.pending = self.pending, None
         if pending is not None and pending[0] == index:

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -31,26 +30,16 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
 from ..files import fsync_tree
-from .io import TORCH_DIST, Region
+from .io import TORCH_DIST, Region, TensorInfo
 from .paths import COMMON_FILE, MEGATRON_CONFIG
 
-__all__ = ["OutputTensor", "write_order", "write_torch_dist", "regions_bytes", "start_writeback"]
+__all__ = ["write_order", "write_torch_dist", "regions_bytes", "start_writeback"]
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    """One global tensor to write, stored as ``regions`` (each produced on demand)."""
-
-    key: str
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    regions: Tuple[Region, ...]
-
-
-def write_order(tensors: Sequence[OutputTensor]) -> List[Tuple[OutputTensor, Region]]:
+def write_order(tensors: Sequence[TensorInfo]) -> List[Tuple[TensorInfo, Region]]:
     """The order in which :func:`write_torch_dist` asks for regions (its plan order), for producers
     that compute ahead."""
-    return [(t, r) for t in tensors for r in t.regions]
+    return [(t, r) for t in tensors for r in t.chunks]
 
 
 class _LazySavePlanner(SavePlanner):
@@ -63,8 +52,8 @@ class _LazySavePlanner(SavePlanner):
     are not used: one that fails dies silently and the save completes without its items.)
     """
 
-    def __init__(self, tensors: Sequence[OutputTensor], objects: Dict[str, bytes],
-                 produce: Callable[[OutputTensor, Region], torch.Tensor]):
+    def __init__(self, tensors: Sequence[TensorInfo], objects: Dict[str, bytes],
+                 produce: Callable[[TensorInfo, Region], torch.Tensor]):
         self.tensors = {t.key: t for t in tensors}
         self.objects = objects
         self.produce = produce
@@ -95,7 +84,7 @@ class _LazySavePlanner(SavePlanner):
             md[t.key] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=t.dtype),
                 size=torch.Size(t.shape),
-                chunks=[ChunkStorageMetadata(torch.Size(r.offsets), torch.Size(r.sizes)) for r in t.regions],
+                chunks=[ChunkStorageMetadata(torch.Size(r.offsets), torch.Size(r.sizes)) for r in t.chunks],
             )
         return all_plans, Metadata(state_dict_metadata=md)
 
@@ -135,8 +124,8 @@ def _dcp_save(planner: SavePlanner, writer: dcp.FileSystemWriter) -> None:
 
 def write_torch_dist(
     path: str | Path,
-    tensors: Sequence[OutputTensor],
-    produce: Callable[[OutputTensor, Region], torch.Tensor],
+    tensors: Sequence[TensorInfo],
+    produce: Callable[[TensorInfo, Region], torch.Tensor],
     objects: Optional[Dict[str, bytes]] = None,
     common: Optional[dict] = None,
 ) -> None:
@@ -229,6 +218,6 @@ def _start_writeback_on_close(writer: dcp.FileSystemWriter) -> None:
     fs.create_stream = create_stream
 
 
-def regions_bytes(tensors: Iterable[OutputTensor]) -> int:
+def regions_bytes(tensors: Iterable[TensorInfo]) -> int:
     """Total stored bytes of ``tensors``."""
-    return sum(r.numel * t.dtype.itemsize for t in tensors for r in t.regions)
+    return sum(r.numel * t.dtype.itemsize for t in tensors for r in t.chunks)
