@@ -212,6 +212,8 @@ def _cap_checks(rank: int, world: int, ckpt: str) -> dict:
         return forward(inp, *args, **kwargs)
 
     lm.m.model.forward = recording
+    head: list = []  # [positions, rows, vocab] of every output-layer call: the logits the head computed
+    lm.m.model.output_layer.register_forward_hook(lambda _m, _a, out: head.append(tuple(out[0].shape)))
     reqs = [([5, 9, 13, 2, 7], [21, 34, 55]), ([7, 8], [9, 10, 11, 12]), ([3], [4]), ([6, 6, 6], [8, 9])]
     out = {}
     for scoring, score in (("diffusion", lm._diffusion_scores), ("ar", lm._ar_scores)):
@@ -219,7 +221,8 @@ def _cap_checks(rank: int, world: int, ckpt: str) -> dict:
         for cap in (10 ** 9, 30, 16, 1):
             lm.opts.max_tokens_per_forward = cap
             seen.clear()
-            out[scoring, cap] = (score(reqs), list(seen))
+            head.clear()
+            out[scoring, cap] = (score(reqs), list(seen), list(head))
     return out
 
 
@@ -229,10 +232,15 @@ def test_forwards_stay_within_max_tokens_per_forward_and_scores_do_not_change(se
     # block size 2: two requests span a block with two continuation tokens (4 draws + the greedy row each), two
     # hold one continuation token per block (one exact row each)
     for scoring, rows in (("diffusion", 2 * (4 + 1) + 2), ("ar", 4)):
-        unbounded, unbounded_seen = res[scoring, 10 ** 9]
+        unbounded, unbounded_seen, logits = res[scoring, 10 ** 9]
         assert [b for b, _ in unbounded_seen] == [rows]  # everything in one forward without a cap
+        # the head computes logits at the scored positions only: [n, 1, V], not [L, rows, V]
+        (n, one, _), = logits
+        assert one == 1 and n < rows * unbounded_seen[0][1] // (2 if scoring == "diffusion" else 1)
+        if scoring == "ar":
+            assert n == 3 + 4 + 1 + 2  # the continuation tokens
         for cap in (30, 16, 1):
-            scores, seen = res[scoring, cap]
+            scores, seen, _ = res[scoring, cap]
             assert sum(b for b, _ in seen) == rows
             assert all(b * width <= cap or b == 1 for b, width in seen), (scoring, cap, seen)
             assert [g for _, g in scores] == [g for _, g in unbounded]

@@ -30,6 +30,7 @@ from ..checkpoint.info import CheckpointInfo
 from ..checkpoint.paths import CheckpointError
 from ..config.schema import Config
 from ..errors import ConfigError
+from ..model.head import head_input
 from .kv_cache import KVCache
 from .sampler import SamplerConfig
 
@@ -183,20 +184,14 @@ class ModelRunner:
         """Eval mode, no autograd and the logits slice for the duration; the previous mode is restored."""
         was_training = self.wrapped.training
         self.wrapped.eval()
-        handle = self.module.output_layer.register_forward_pre_hook(self._slice_hidden, with_kwargs=True)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), head_input(self.module, self._last_positions):
                 yield self
         finally:
-            handle.remove()
             self.wrapped.train(was_training)
 
-    def _slice_hidden(self, module, args, kwargs):
-        if args:
-            h = args[0]
-            return (h[h.shape[0] - self._keep:],) + tuple(args[1:]), kwargs
-        h = kwargs["input_"]
-        return args, {**kwargs, "input_": h[h.shape[0] - self._keep:]}
+    def _last_positions(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[hidden.shape[0] - self._keep:]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_logits: int) -> torch.Tensor:
         self._keep = int(num_logits)

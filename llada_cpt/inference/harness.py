@@ -16,8 +16,9 @@
 as the sampler proposes; ``ar`` over the Hugging Face model's own rows (its
 ``vocab_size``, ``[MASK]`` included when it has one), so that it equals the
 harness's ``hf`` model.  Rows go through the model in micro-batches of at most
-``max_tokens_per_forward`` input tokens, and only the scored positions' target
-log-probability and argmax leave the device (never ``[L, V]`` log-probs).
+``max_tokens_per_forward`` input tokens; the LM head computes logits only at the
+scored positions (:func:`llada_cpt.model.head.head_input`: ``[n scored, V]``, never
+``[rows, L, V]``), and only their target log-probability and argmax leave the device.
 ``loglikelihood_rolling`` scores the harness's rolling windows
 of ``max_length`` tokens the same way; ``generate_until`` runs the project's
 block sampler (:func:`llada_cpt.inference.generation.generate`, KV cache), greedy
@@ -29,6 +30,7 @@ the same requests in lockstep.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -40,6 +42,7 @@ from lm_eval.api.registry import register_model
 from ..diffusion.layout import AttentionLayout
 from ..diffusion.likelihood import continuation_blocks, is_deterministic, request_seed, sample_block_masks
 from ..errors import ConfigError
+from ..model.head import head_input, x_t_half
 
 __all__ = ["HarnessOptions", "LladaLM", "parse_model_args"]
 
@@ -68,8 +71,8 @@ class HarnessOptions:
     tp: int = 1  # tensor-parallel size (needs --nproc a multiple of it)
     seed: int = 0
     batch_size: int = 8  # requests per scoring call (the harness's --batch_size)
-    # input tokens (rows x padded width, both halves of [x_t ; x_0]) per model forward: bounds the [rows, L, V]
-    # logits (8192 x 151,936 bf16 = 2.5 GB); a single longer row still runs alone
+    # input tokens (rows x padded width, both halves of [x_t ; x_0]) per model forward: bounds the activations
+    # of one forward (the logits are only the scored positions'); a single longer row still runs alone
     max_tokens_per_forward: int = 8192
 
     def validate(self) -> None:
@@ -292,15 +295,15 @@ class LladaLM(TemplateLM):
         out.append(range(first, len(lengths)))
         return out
 
-    def _forward(self, tokens: List[List[int]], masked: Optional[List[torch.Tensor]]) -> torch.Tensor:
-        """Logits ``[rows, L, padded V]`` of one forward (on the device, model dtype).
+    def _forward(self, tokens: List[List[int]], masked: Optional[List[torch.Tensor]], rows: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, padded V]`` at the ``n`` positions ``(rows[j], cols[j])`` of one forward (on the
+        device, model dtype); the head computes no others.
 
         ``masked`` None: causal forward of the clean rows (position ``k`` predicts
         token ``k + 1``).  Otherwise row ``i``'s masked positions are ``[MASK]`` in
         ``x_t`` and predicted in place, blocks of ``self.block_size``.
         """
-        from ..training.step import _noised_half_head
-
         info, B = self.info, self.block_size
         L = max(len(t) for t in tokens)
         b = len(tokens)
@@ -322,9 +325,16 @@ class LladaLM(TemplateLM):
         dev = self._device
         layout.doc_ids = layout.doc_ids.to(dev)
         module = self.m.model
-        with torch.no_grad(), _noised_half_head(module, layout.num_copies == 2):
-            return module(inp.to(dev), layout.position_ids(local=False).to(dev), attention_mask=layout,
-                          runtime_gather_output=True)
+        flat = (cols * b + rows).to(dev)  # the hidden states reach the head as [S, b, h]
+
+        def scored(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden.reshape(-1, 1, hidden.shape[-1]).index_select(0, flat)
+
+        half = head_input(module, x_t_half) if layout.num_copies == 2 else contextlib.nullcontext()
+        with torch.no_grad(), half, head_input(module, scored):
+            logits = module(inp.to(dev), layout.position_ids(local=False).to(dev), attention_mask=layout,
+                            runtime_gather_output=True)
+        return logits[0]  # [1, n, V]: the n scored positions are the head's "sequence"
 
     def _score_rows(self, tokens: List[List[int]], masked: Optional[List[torch.Tensor]],
                     spans: List[Tuple[int, List[int]]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -337,11 +347,12 @@ class LladaLM(TemplateLM):
         vocab, excluded = self._scoring_vocab()
         out: List[Tuple[torch.Tensor, torch.Tensor]] = []
         for part in self._micro_batches([len(t) for t in tokens], masked is not None):
-            logits = self._forward([tokens[i] for i in part], None if masked is None else [masked[i] for i in part])
             rows = torch.cat([torch.full((len(spans[i][1]),), j, dtype=torch.long) for j, i in enumerate(part)])
             cols = torch.cat([torch.arange(spans[i][0], spans[i][0] + len(spans[i][1])) for i in part])
+            logits = self._forward([tokens[i] for i in part], None if masked is None else [masked[i] for i in part],
+                                   rows, cols)
             target = torch.cat([torch.as_tensor(spans[i][1], dtype=torch.long) for i in part]).to(logits.device)
-            picked = logits[rows.to(logits.device), cols.to(logits.device), :vocab].float()
+            picked = logits[:, :vocab].float()
             del logits
             if excluded is not None:
                 picked[:, excluded] = float("-inf")  # the mask is never a prediction (as in the sampler)

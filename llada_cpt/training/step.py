@@ -34,6 +34,7 @@ from megatron.core.utils import get_model_config
 from ..diffusion.inputs import DiffusionBatch, noised_half
 from ..diffusion.loss import normalised_loss, weighted_loss_terms
 from ..kernels.linear_cross_entropy import linear_cross_entropy
+from ..model.head import head_input, x_t_half
 from ..model.wrappers import unwrap
 from ..parallel.cp_batch import split_batch
 from .distributed import device as current_device
@@ -117,7 +118,7 @@ ELBO_LOSS = StepLoss(make=lambda batch: partial(_loss_func, batch), weighted_pos
 
 
 def head_on_noised_half(model_config) -> bool:
-    """Whether the LM head sees only the x_t half of a ``[x_t ; x_0]`` input (see :func:`_noised_half_head`).
+    """Whether the LM head sees only the x_t half of a ``[x_t ; x_0]`` input (:func:`llada_cpt.model.head.x_t_half`).
 
     Not under sequence parallelism: the head's input is then scattered along the
     sequence over TP ranks and gathered inside the output layer, so no rank can
@@ -127,42 +128,12 @@ def head_on_noised_half(model_config) -> bool:
 
 
 @contextlib.contextmanager
-def _noised_half_head(model: torch.nn.Module, enabled: bool):
-    """For the duration of one forward, feed the output layer the first (x_t) half of the hidden states.
-
-    Why: the x_0 half carries no loss (weight 0), yet its logits cost half of the LM
-    head's FLOPs and of the ``[S, b, V]`` logits memory - for a 150k vocabulary the
-    largest activation of the step.  The clean half still runs through every layer
-    (x_t queries attend to its keys); only the head skips it.  Hidden states are
-    ``[S local, b, h]`` with ``[x_t local ; x_0 local]`` also under context
-    parallelism, so the first half is the x_t half on every rank.
-    """
-    module = unwrap(model)
-    head = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
-    if not enabled or head is None:
-        yield
-        return
-
-    def first_half(_module, args, kwargs):
-        if args:
-            return (args[0][: args[0].shape[0] // 2],) + tuple(args[1:]), kwargs
-        h = kwargs["input_"]
-        return args, {**kwargs, "input_": h[: h.shape[0] // 2]}
-
-    handle = head.register_forward_pre_hook(first_half, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def _fused_head(model: torch.nn.Module, enabled: bool, rows: Optional[torch.Tensor] = None):
     """For one forward, compute the per-token CE from the head's input without materialised logits.
 
     Why: ``[S, b, V/tp]`` logits plus their fp32 copy in Megatron's cross entropy are the
     largest activations of the step (152k vocabulary).  The output layer returns its input
-    (after any pre-hook, e.g. :func:`_noised_half_head`) and keeps the weight it was given
+    (after any pre-hook, e.g. :func:`~llada_cpt.model.head.head_input`) and keeps the weight it was given
     (the embedding's when tied); the model's ``compute_language_model_loss`` then runs
     :func:`~llada_cpt.kernels.linear_cross_entropy.linear_cross_entropy` (vocab-parallel,
     chunked over tokens).  Same ``[b, S]`` per-token loss, same gradients.  ``rows``: the
@@ -216,7 +187,7 @@ def _forward_step(device: torch.device, loss: StepLoss, data_iterator, model):
         rows = (weight != 0).t().reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
     batch = batch_to_device(batch, device)
     view = noised_half(batch) if half else batch  # what the head's output lines up with
-    with _noised_half_head(model, half), _fused_head(model, fused, rows):
+    with head_input(model, x_t_half) if half else contextlib.nullcontext(), _fused_head(model, fused, rows):
         output = model(
             batch.input_ids,
             batch.layout.position_ids(local=True),
