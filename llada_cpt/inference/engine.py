@@ -94,27 +94,22 @@ def block_size_warning(info: InferenceInfo, block_size: int) -> Optional[str]:
             f"pass --block-size {info.trained_block_size} to match")
 
 
-def _load_tokenizer(cfg: Config):
-    from ..data.tokenizer import Tokenizer, tokenizer_path
-
-    path = tokenizer_path(cfg.data)
-    if path is not None:
-        return Tokenizer.from_file(path)
-    raise CheckpointError("the checkpoint's config.yaml names no tokenizer (data.tokenizer) and is not a demo run; "
-                          "the run's tokenizer is needed to encode prompts")
-
-
 def inspect_checkpoint(path: str | os.PathLike) -> InferenceInfo:
     """Resolve ``path`` (run directory with ``latest``, or an ``iter_*`` directory) and read its metadata."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint `{p}` does not exist; pass a run directory (with a `latest` file) or an "
                               "iter_* checkpoint directory")
+    from ..data.tokenizer import resolve_tokenizer
+
     ckpt = CheckpointInfo.read(p)
     cfg = ckpt.config  # (no config.yaml: one line saying the architecture is unknown)
-    tok = _load_tokenizer(cfg)
+    tok = resolve_tokenizer(cfg.data, missing="the checkpoint's config.yaml names no tokenizer (data.tokenizer) "
+                            "and is not a demo run; the run's tokenizer is needed to encode prompts")
     mask_id = tok.mask_id if cfg.diffusion.mask_id is None else cfg.diffusion.mask_id
-    return InferenceInfo(ckpt.path, ckpt.metrics, tokenizer=tok, mask_id=int(mask_id), eos_id=int(tok.eod_id))
+    info = InferenceInfo(ckpt.path, ckpt.metrics, tokenizer=tok, mask_id=int(mask_id), eos_id=int(tok.eod_id))
+    info.__dict__.update(ckpt.__dict__)  # the config already read and typed (cached_property values)
+    return info
 
 
 def load_model_for_inference(ckpt: str | os.PathLike | InferenceInfo, tp: int = 1, precision: str = "auto",
