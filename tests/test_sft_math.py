@@ -188,3 +188,15 @@ def test_vocab_parallel_cap_equals_unsharded(gen):
         assert torch.allclose(out["total"], ref_total, rtol=1e-5, atol=1e-6)
         assert torch.allclose(out["grad"], ref_x.grad.chunk(world, dim=-1)[r], rtol=1e-5, atol=1e-6)
         assert out["empty"][0].item() == 0 and out["empty"][1].item() == 0
+
+
+def test_band_note_names_heavy_complement_weights_from_just_above_the_threshold():
+    """Complement rows weigh 1/(1 - t): the note appears once 1/(1 - m_max) exceeds 20, and says by how much."""
+    from llada_cpt.stages.sft import COMPLEMENT_WEIGHT_NOTE, band_note
+
+    assert COMPLEMENT_WEIGHT_NOTE == 20.0
+    assert band_note(0.05, 0.95) is None  # the tiny_sft band: weight 20 exactly, at the threshold
+    assert band_note(0.3, 0.8) is None
+    note = band_note(0.05, 0.96)
+    assert note is not None and "weights 1/(1 - t) up to 25" in note and "down to 0.04" in note
+    assert "unbounded" in band_note(1e-3, 1.0) and "[0.001, 1]" in band_note(1e-3, 1.0)

@@ -51,7 +51,7 @@ from ..training.stage import Stage
 from ..training.step import ELBO_LOSS, StepLoss, forward_backward
 from .common import PackedSplit, Resolved, collate_rows, load_packed_split, resolve_post_training, say
 
-__all__ = ["SFTStage", "CAPLoss", "sft_loss", "main"]
+__all__ = ["SFTStage", "CAPLoss", "sft_loss", "band_note", "main"]
 
 CAP_SUMS = ("sft_sum", "entropy_sum", "correct", "eligible", "masked")
 
@@ -108,6 +108,24 @@ class CAPLoss:
                         metric_names=CAP_SUMS, finalize=_cap_metrics)
 
 
+COMPLEMENT_WEIGHT_NOTE = 20.0  # largest complement-row weight 1/(1 - m_max) the start-up note accepts silently
+
+
+def band_note(mask_ratio_min: float, mask_ratio_max: float) -> Optional[str]:
+    """A start-up note when complementary rows can get very large weights, else None.
+
+    A mask of ratio ``t`` has a complement of ratio ``1 - t``, weighted ``1/(1 - t)``: with ``m_max`` near 1
+    (the CPT default band [1e-3, 1]) a few complement rows carry weights in the hundreds, a heavy-tailed loss.
+    The LLaDA2.0 report bounds the band in SFT for this reason (the shipped tiny_sft recipe: [0.05, 0.95]).
+    """
+    if 1.0 - mask_ratio_max > 0 and 1.0 / (1.0 - mask_ratio_max) <= COMPLEMENT_WEIGHT_NOTE:
+        return None
+    bound = "unbounded" if mask_ratio_max >= 1.0 else f"up to {1.0 / (1.0 - mask_ratio_max):.0f}"
+    return (f"note: complementary masking with the band [{mask_ratio_min:g}, {mask_ratio_max:g}] gives complement "
+            f"rows mask ratios down to {1.0 - mask_ratio_max:g} and weights 1/(1 - t) {bound}; a bounded band "
+            "(e.g. diffusion.mask_ratio_max=0.95, as configs/tiny_sft.yaml) keeps the loss from being heavy-tailed")
+
+
 def sft_loss(cap_lambda: Optional[float]):
     """The SFT step's loss: the plain ELBO (``None``), or ELBO + ``cap_lambda * L_conf`` (:class:`CAPLoss`)."""
     return ELBO_LOSS if cap_lambda is None else CAPLoss(float(cap_lambda))
@@ -142,6 +160,9 @@ class SFTStage(Stage):
         cap = "off" if s.cap_lambda is None else f"lambda {s.cap_lambda}"
         say(f"sft: {len(self.split.train)} training / {len(self.split.valid)} validation sequences of "
             f"{cfg.data.seq_length} tokens; complementary masks {'on' if s.complementary else 'off'}; CAP {cap}")
+        note = band_note(cfg.diffusion.mask_ratio_min, cfg.diffusion.mask_ratio_max) if s.complementary else None
+        if note:
+            say(note)
         return tok.vocab_size, tok.mask_id
 
     def make_batch(self, sequences: List[dict], rows: Sequence[Optional[int]], positions: Sequence[int],
