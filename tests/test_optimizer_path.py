@@ -62,9 +62,10 @@ def _train(rank: int, world: int, fast: bool) -> dict:
             cfg = Config()
             cfg.parallel = parallel
             cfg.train.lr, cfg.train.clip_grad = LR, clip
+            cfg.train.fused_adamw = fast  # the config switch (an explicit `fused=` argument would override it)
             (model,) = build_model(ModelConfig(**MODEL), parallel, "fp32", vocab_size=VOCAB)
             ddp = wrap_ddp([model], parallel)
-            opt = build_optimizer(cfg, ddp, bf16=False, fused=fast)
+            opt = build_optimizer(cfg, ddp, bf16=False)
             assert len(list(torch_optimizer.inner_torch_optimizers(opt))) >= 1
             dp, dps = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
             norms = []

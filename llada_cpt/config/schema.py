@@ -193,6 +193,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     init_from: Optional[str] = None  # Megatron checkpoint (AR or previous stage) to start from
     nan_policy: Literal["skip", "stop"] = "skip"
+    # torch AdamW's one-kernel fused step (used when Megatron falls back to torch AdamW, i.e. without TE/apex):
+    # None = on CUDA; false turns it off (e.g. to rule it out when chasing a numerical difference)
+    fused_adamw: Optional[bool] = None
 
 
 @dataclass

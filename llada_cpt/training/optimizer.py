@@ -16,8 +16,9 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], bf16: bool
 
     With TE/apex Megatron uses their FusedAdam.  Without them it falls back to torch
     AdamW, which we switch to ``fused=True`` (one kernel for all parameters) when
-    ``fused`` is True, or by default (None) on CUDA; gradient norm and clipping use
-    ``torch._foreach_*`` there (``megatron_patches/torch_optimizer.py``).
+    ``fused`` (default: ``train.fused_adamw``) is True, or when both are None on CUDA;
+    gradient norm and clipping use ``torch._foreach_*`` there
+    (``megatron_patches/torch_optimizer.py``).
     """
     t = cfg.train
     opt_cfg = OptimizerConfig(
@@ -34,6 +35,7 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], bf16: bool
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
+    fused = t.fused_adamw if fused is None else fused
     if (torch.cuda.is_available() if fused is None else fused):
         use_fused_adamw(optimizer)
     return optimizer
