@@ -146,13 +146,13 @@ def _resume_fused(rank: int, world: int, out: str) -> dict:
 
     parallel = LAYOUTS["dp2_distributed_optimizer"]
 
-    def build():
+    def build(fused=True):
         initialize(parallel, seed=42)
         cfg = Config()
         cfg.parallel, cfg.train.lr, cfg.train.clip_grad = parallel, LR, CLIPS["triggered"]
         (model,) = build_model(ModelConfig(**MODEL), parallel, "fp32", vocab_size=VOCAB)
         ddp = wrap_ddp([model], parallel)
-        return model, ddp, build_optimizer(cfg, ddp, bf16=False, fused=True)
+        return model, ddp, build_optimizer(cfg, ddp, bf16=False, fused=fused)
 
     def train(ddp, opt, steps):
         dp = parallel_state.get_data_parallel_rank()
@@ -174,13 +174,18 @@ def _resume_fused(rank: int, world: int, out: str) -> dict:
     steps = {float(s["step"]) for o in inner for s in o.state.values()}
     shared = len({id(s["step"]) for o in inner for s in o.state.values()}) < sum(len(o.state) for o in inner)
     resumed = train(ddp, opt, range(2, 4))
-    return {"unbroken": unbroken[2:], "resumed": resumed, "fused": fused, "steps": steps, "shared": shared}
+    model, ddp, opt = build(fused=False)  # train.fused_adamw=false: the fused checkpoint loads unfused
+    load_model_and_optimizer(model, opt, f"{out}/ckpt")
+    unfused = [g["fused"] for o in torch_optimizer.inner_torch_optimizers(opt) for g in o.param_groups]
+    return {"unbroken": unbroken[2:], "resumed": resumed, "fused": fused, "steps": steps, "shared": shared,
+            "unfused": unfused}
 
 
-def test_fused_adamw_resumes_exactly(tmp_path):
+def test_fused_adamw_resumes_exactly_and_the_choice_survives_a_resume(tmp_path):
     for res in run_distributed(_resume_fused, 2, str(tmp_path)):
         assert res["fused"] and res["steps"] == {2.0} and not res["shared"]
         assert res["resumed"] == res["unbroken"]
+        assert res["unfused"] and not any(res["unfused"])  # saved fused, loaded with fused_adamw=false
 
 
 @pytest.mark.gpu

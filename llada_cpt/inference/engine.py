@@ -108,7 +108,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> InferenceInfo:
                             "and is not a demo run; the run's tokenizer is needed to encode prompts")
     mask_id = tok.mask_id if cfg.diffusion.mask_id is None else cfg.diffusion.mask_id
     info = InferenceInfo(ckpt.path, ckpt.metrics, tokenizer=tok, mask_id=int(mask_id), eos_id=int(tok.eod_id))
-    info.__dict__.update(ckpt.__dict__)  # the config already read and typed (cached_property values)
+    for cached in ("saved_config", "config"):  # already read and typed (cached_property values)
+        info.__dict__[cached] = ckpt.__dict__[cached]
     return info
 
 

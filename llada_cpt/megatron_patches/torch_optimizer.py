@@ -138,13 +138,14 @@ def use_fused_adamw(optimizer, enabled: bool = True) -> int:
     """Switch the torch AdamW inside a Megatron optimizer to ``fused=True``; how many were switched.
 
     ``enabled=False`` switches back to torch's default implementation (the benchmark
-    compares both on one optimizer).
+    compares both on one optimizer; ``train.fused_adamw=false``).
 
     Megatron-Core constructs ``torch.optim.AdamW(**kwargs)`` itself without a ``fused``
     argument (0.16.1 - 0.19, ``_get_megatron_optimizer_based_on_param_groups``), so the
     flag is set on the built instance.  A checkpoint load replaces the param groups
     with the saved ones (which may say ``fused=False``, e.g. from a CPU run) and may
-    leave ``step`` on the host: a load hook sets both again.
+    leave ``step`` on the host: a load hook sets both again.  Either way the choice
+    survives a resume: a checkpoint saved fused loads unfused when ``enabled=False``.
     """
     count = 0
     for opt in inner_torch_optimizers(optimizer):
@@ -152,10 +153,8 @@ def use_fused_adamw(optimizer, enabled: bool = True) -> int:
         if hooked is not None:
             hooked.remove()
             opt._llada_fused_hook = None
-        if enabled:
-            _fuse(opt)
-            opt._llada_fused_hook = opt.register_load_state_dict_post_hook(_fuse)
-        else:
-            _unfuse(opt)
+        choose = _fuse if enabled else _unfuse
+        choose(opt)
+        opt._llada_fused_hook = opt.register_load_state_dict_post_hook(choose)
         count += 1
     return count

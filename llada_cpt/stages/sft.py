@@ -115,12 +115,12 @@ def band_note(mask_ratio_min: float, mask_ratio_max: float) -> Optional[str]:
     """A start-up note when complementary rows can get very large weights, else None.
 
     A mask of ratio ``t`` has a complement of ratio ``1 - t``, weighted ``1/(1 - t)``: with ``m_max`` near 1
-    (the CPT default band [1e-3, 1]) a few complement rows carry weights in the hundreds, a heavy-tailed loss.
+    (the CPT default band [1e-3, 1]) a few complement rows carry weights of hundreds or more: a heavy-tailed loss.
     The LLaDA2.0 report bounds the band in SFT for this reason (the shipped tiny_sft recipe: [0.05, 0.95]).
     """
     if 1.0 - mask_ratio_max > 0 and 1.0 / (1.0 - mask_ratio_max) <= COMPLEMENT_WEIGHT_NOTE:
         return None
-    bound = "unbounded" if mask_ratio_max >= 1.0 else f"up to {1.0 / (1.0 - mask_ratio_max):.0f}"
+    bound = "unbounded" if mask_ratio_max >= 1.0 else f"up to {1.0 / (1.0 - mask_ratio_max):.3g}"
     return (f"note: complementary masking with the band [{mask_ratio_min:g}, {mask_ratio_max:g}] gives complement "
             f"rows mask ratios down to {1.0 - mask_ratio_max:g} and weights 1/(1 - t) {bound}; a bounded band "
             "(e.g. diffusion.mask_ratio_max=0.95, as configs/tiny_sft.yaml) keeps the loss from being heavy-tailed")

@@ -36,8 +36,8 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], bf16: bool
     )
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
     fused = t.fused_adamw if fused is None else fused
-    if (torch.cuda.is_available() if fused is None else fused):
-        use_fused_adamw(optimizer)
+    # set both ways, so that a checkpoint saved with the other choice loads with this one
+    use_fused_adamw(optimizer, enabled=torch.cuda.is_available() if fused is None else fused)
     return optimizer
 
 
