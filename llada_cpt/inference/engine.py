@@ -21,6 +21,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -49,9 +50,22 @@ __all__ = [
 class InferenceInfo(CheckpointInfo):
     """A checkpoint (no model built) and the tokenizer its prompts are encoded with."""
 
-    tokenizer: object  # llada_cpt.data.tokenizer.Tokenizer
-    mask_id: int
-    eos_id: int
+    @cached_property
+    def tokenizer(self):  # llada_cpt.data.tokenizer.Tokenizer
+        from ..data.tokenizer import resolve_tokenizer
+
+        return resolve_tokenizer(self.config.data, missing="the checkpoint's config.yaml names no tokenizer "
+                                 "(data.tokenizer) and is not a demo run; the run's tokenizer is needed to encode "
+                                 "prompts")
+
+    @property
+    def mask_id(self) -> int:
+        mask_id = self.config.diffusion.mask_id
+        return int(self.tokenizer.mask_id if mask_id is None else mask_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eod_id)
 
 
 @dataclass
@@ -100,16 +114,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> InferenceInfo:
     if not p.exists():
         raise CheckpointError(f"checkpoint `{p}` does not exist; pass a run directory (with a `latest` file) or an "
                               "iter_* checkpoint directory")
-    from ..data.tokenizer import resolve_tokenizer
-
-    ckpt = CheckpointInfo.read(p)
-    cfg = ckpt.config  # (no config.yaml: one line saying the architecture is unknown)
-    tok = resolve_tokenizer(cfg.data, missing="the checkpoint's config.yaml names no tokenizer (data.tokenizer) "
-                            "and is not a demo run; the run's tokenizer is needed to encode prompts")
-    mask_id = tok.mask_id if cfg.diffusion.mask_id is None else cfg.diffusion.mask_id
-    info = InferenceInfo(ckpt.path, ckpt.metrics, tokenizer=tok, mask_id=int(mask_id), eos_id=int(tok.eod_id))
-    for cached in ("saved_config", "config"):  # already read and typed (cached_property values)
-        info.__dict__[cached] = ckpt.__dict__[cached]
+    info = InferenceInfo.read(p)
+    info.tokenizer  # read now: a missing config.yaml or tokenizer is one line before any model is built
     return info
 
 
