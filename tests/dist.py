@@ -94,3 +94,8 @@ def load_model_and_optimizer(model, optimizer, directory: str) -> None:
     loaded = dist_checkpointing.load(state, directory)
     model.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
+
+
+def max_diff(a: list, b: list) -> float:
+    """Largest absolute elementwise difference between two lists of tensors (e.g. gradients per parameter)."""
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))

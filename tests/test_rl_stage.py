@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dist import run_distributed
+from dist import max_diff, run_distributed
 from run_helpers import REPO, assert_clean_error, cli, run
 
 pytestmark = pytest.mark.timeout(600)
@@ -186,10 +186,6 @@ def ppo_layouts(tmp_path_factory):
     return run_distributed(_ppo_step_layouts, 2, str(tmp_path_factory.mktemp("ppo_layouts")), timeout=600)
 
 
-def _max_diff(a: list, b: list) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("layout", ["tp1", "tp2"])
 def test_entropy_coef_trains_the_entropy(ppo_layouts, layout):
     """Zero advantages: the PPO gradient is exactly that of -entropy_coef * mean entropy over the targets."""
@@ -197,7 +193,7 @@ def test_entropy_coef_trains_the_entropy(ppo_layouts, layout):
         got, want = per_rank[f"{layout}_entropy"]["grads"], per_rank[f"{layout}_hand"]
         scale = max(float(g.abs().max()) for g in want)
         assert scale > 0
-        assert _max_diff(got, want) <= 1e-4 * scale, _max_diff(got, want) / scale
+        assert max_diff(got, want) <= 1e-4 * scale, max_diff(got, want) / scale
 
 
 def test_rl_step_under_context_parallelism_equals_cp1(ppo_layouts):
@@ -209,7 +205,7 @@ def test_rl_step_under_context_parallelism_equals_cp1(ppo_layouts):
             assert math.isclose(got["metrics"][key], value, rel_tol=1e-5, abs_tol=1e-6), key
         assert want["metrics"]["ratio"] == pytest.approx(1.0, abs=1e-6)
         scale = max(float(g.abs().max()) for g in want["grads"])
-        assert scale > 0 and _max_diff(got["grads"], want["grads"]) <= 1e-5 * scale
+        assert scale > 0 and max_diff(got["grads"], want["grads"]) <= 1e-5 * scale
 
 
 def test_rl_run_under_context_parallelism(tmp_path):

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from dist import run_distributed
+from dist import max_diff, run_distributed
 from run_helpers import REPO, assert_clean_error, cli, run
 from stage_runs import SFT_STEPS, mean, sft_run, small_config, step_records, validation_losses
 
@@ -125,25 +125,21 @@ def layouts(tmp_path_factory):
     return run_distributed(_sft_layouts, 2, str(tmp_path_factory.mktemp("sft_layouts")), timeout=600)
 
 
-def _max_diff(a: list, b: list) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
-
-
 def test_cap_with_lambda_zero_has_the_plain_sft_gradients_and_lambda_changes_them(layouts):
     for per_rank in layouts:
         plain, cap0, cap = per_rank["plain"], per_rank["cap0"], per_rank["cap"]
         scale = max(float(g.abs().max()) for g in plain["grads"])
         assert scale > 0
         assert math.isclose(cap0["loss"], plain["loss"], rel_tol=1e-6)
-        assert _max_diff(cap0["grads"], plain["grads"]) <= 1e-5 * scale
+        assert max_diff(cap0["grads"], plain["grads"]) <= 1e-5 * scale
         m = cap["metrics"]
         assert 0 < m["cap_correct"] <= 1 and m["cap_term"] > 0 and m["cap_correct_tokens"] > 0  # some are right
         assert math.isclose(m["sft_loss"], plain["loss"], rel_tol=1e-6)
         # both terms logged; the loss is L_SFT + lambda * L_conf, L_conf the mean over the correct tokens
         assert math.isclose(cap["loss"], m["sft_loss"] + 0.5 * m["cap_term"], rel_tol=1e-6)
         # near-uniform predictions have a small entropy gradient, but far above rounding
-        changed = _max_diff(cap["grads"], plain["grads"])
-        assert changed > 1e-4 * scale and changed > 100 * _max_diff(cap0["grads"], plain["grads"])
+        changed = max_diff(cap["grads"], plain["grads"])
+        assert changed > 1e-4 * scale and changed > 100 * max_diff(cap0["grads"], plain["grads"])
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -290,7 +286,7 @@ def test_cap_term_is_the_mean_entropy_over_correct_tokens_on_every_layout(noise_
         scale = max(float(g.abs().max()) for g in hand["grads"])
         assert scale > 0
         diff = [c - p for c, p in zip(cap["grads"], plain["grads"])]
-        assert _max_diff(diff, hand["grads"]) <= 1e-4 * scale, _max_diff(diff, hand["grads"]) / scale
+        assert max_diff(diff, hand["grads"]) <= 1e-4 * scale, max_diff(diff, hand["grads"]) / scale
         for layout in ("dp2_mb2", "dp1_mb2", "dp1_mb4"):
             other = per_rank[f"{layout}_cap"]["metrics"]
             for key in ("cap_term", "cap_correct_tokens", "sft_loss"):
